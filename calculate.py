@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Influence of every training image on every test image: figures and full score tables.
+
+Reads train.npz and test.npz (from prepare_data.py), loads the classifier (VGG16 by
+default), and for each test folder, label and test image writes, under
+calc_output/<folder>/<label>/, harmful_<n>.<fmt>, useful_<n>.<fmt>, <n>.npy and <n>.json.
+See the README for the sign convention and how to pick depth, scale and damping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from influence import cli
+from influence.errors import UserError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
+
+
+def scale_value(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a finite number > 0")
+    return value
+
+
+def build_parser() -> cli.ArgumentParser:
+    from influence.figures import SAVE_FORMATS
+
+    parser = cli.ArgumentParser(
+        prog="calculate.py",
+        description="For every test image: the training images that helped its prediction most (useful) "
+        "and hurt it most (harmful), by influence functions (Koh & Liang, 2017).",
+        epilog="Sign: score = s_test . grad L(z); positive = useful (removing z would raise the test loss), "
+        "negative = harmful. Example: python calculate.py -i 20 -b 8 -sf pdf",
+    )
+    lissa = parser.add_argument_group("LiSSA and scoring")
+    lissa.add_argument("-i", "--depth", type=positive_int, default=100, help="LiSSA steps per repeat (default 100)")
+    lissa.add_argument(
+        "-b", "-bs", "--batch-size", type=positive_int, default=8,
+        help="training minibatch per Hessian-vector product (default 8)",
+    )
+    lissa.add_argument(
+        "--score-batch-size", type=positive_int, default=32, help="training images per scoring pass (default 32)"
+    )
+    lissa.add_argument(
+        "--damping", type=non_negative_float, default=0.01,
+        help="LiSSA damping (default 0.01); the Hessian inverted is H + damping*scale*I",
+    )
+    lissa.add_argument(
+        "--scale", type=scale_value, default=None, metavar="auto|S",
+        help="LiSSA scale, larger than the Hessian's top eigenvalue; 'auto' (default) estimates it once per run",
+    )
+    lissa.add_argument("--repeat", type=positive_int, default=1, help="independent LiSSA runs averaged (default 1)")
+    lissa.add_argument(
+        "--layers", default=None, metavar="NAMES",
+        help="only these layers' weights, comma-separated (e.g. fc2,predictions); default: all trainable",
+    )
+    lissa.add_argument(
+        "--last-layers", type=positive_int, default=None, metavar="K", help="only the last K layers with weights"
+    )
+    lissa.add_argument("--seed", type=int, default=0, help="seed of the random minibatches (default 0)")
+    lissa.add_argument(
+        "--all-labels", action="store_true",
+        help="score the whole training set, not only the training images of the test image's label",
+    )
+
+    data = parser.add_argument_group("input and output")
+    data.add_argument("--train", type=Path, default=Path("train.npz"), help="train archive (default ./train.npz)")
+    data.add_argument("--test", type=Path, default=Path("test.npz"), help="test archive (default ./test.npz)")
+    data.add_argument(
+        "--output-dir", type=Path, default=Path("calc_output"), help="output root (default ./calc_output)"
+    )
+    data.add_argument(
+        "-sf", "--save-format", choices=SAVE_FORMATS, default="png", help="figure format (default png)"
+    )
+    data.add_argument("--top", type=positive_int, default=5, help="training images per figure (default 5)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", type=Path, default=None, help="a saved Keras classifier (.keras or .h5); default VGG16")
+    model.add_argument(
+        "--weights", type=Path, default=None,
+        help="VGG16 weights file (default: Keras's cache, ~/.keras/models/vgg16_weights_tf_dim_ordering_tf_kernels.h5)",
+    )
+    model.add_argument(
+        "--preprocess", default=None,
+        help="input preprocessing: vgg16, none, unit (x/255), tf (x/127.5-1); default vgg16 for VGG16, none for --model",
+    )
+
+    work = parser.add_argument_group("batch jobs")
+    work.add_argument("--folders", nargs="+", default=None, metavar="NAME", help="only these test folders")
+    work.add_argument("--labels", nargs="+", type=int, default=None, metavar="LABEL", help="only these labels")
+    work.add_argument(
+        "--shard", default=None, metavar="i/n",
+        help="take every n-th test image starting at i (0 <= i < n), for n parallel processes",
+    )
+    work.add_argument("--overwrite", action="store_true", help="recompute test images whose outputs exist")
+    work.add_argument("-v", "--verbose", action="store_true", help="show TensorFlow's start-up messages")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.quiet_tensorflow(args.verbose)
+    if args.layers is not None and args.last_layers is not None:
+        raise UserError("--layers and --last-layers choose the parameters two ways; give one of them")
+    # A batch scheduler's SIGTERM unwinds like Ctrl-C, so no half-written file is left behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    from influence import job
+
+    job.parse_shard(args.shard)  # a bad --shard fails before the archives are opened
+    settings = job.Settings(
+        depth=args.depth,
+        batch_size=args.batch_size,
+        score_batch_size=args.score_batch_size,
+        damping=args.damping,
+        scale=args.scale,
+        repeat=args.repeat,
+        layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()) if args.layers else None,
+        last_layers=args.last_layers,
+        seed=args.seed,
+        top=args.top,
+        all_labels=args.all_labels,
+        save_format=args.save_format,
+    )
+    job.calculate(
+        train_path=args.train,
+        test_path=args.test,
+        output_dir=args.output_dir,
+        settings=settings,
+        model_path=args.model,
+        weights=args.weights,
+        preprocess=args.preprocess,
+        folders=args.folders,
+        labels=args.labels,
+        shard=args.shard,
+        overwrite=args.overwrite,
+        echo=lambda text, end="\n": print(text, end=end, flush=True),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,550 @@
+"""The batch job behind ``calculate.py``: the influence of training images on every test image.
+
+For each test folder, each label and each test image with that label, in archive order:
+
+1. the gradient of the test loss, ``v = grad L(z_test)``;
+2. ``s_test = H^-1 v`` by LiSSA (:func:`influence.ihvp.lissa`), with the training
+   Hessian sampled on random minibatches from the whole training set;
+3. ``score(z) = s_test . grad L(z)`` for every training image of the label (or of the
+   whole set with ``all_labels``), in batches (:func:`influence.scores.influence_scores`);
+4. the figures, the full score table and a JSON record, written atomically, the record last.
+
+A test image whose record and files are all present is skipped, so a killed run
+resumes where it stopped. Work that is the same for every test image (model, archive
+index, the ``auto`` scale) is done once per process. Every random draw for a test image
+is seeded by ``(seed, folder, label, number)``, so its scores do not depend on which
+shard computed it or whether the run was resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+
+from influence import outputs
+from influence.errors import UserError
+from influence.figures import Panel, plot_influence_row
+from influence.progress import EstimateBar, progress_bar
+
+if TYPE_CHECKING:
+    from influence import archive
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides the scores; recorded with every result."""
+
+    depth: int = 100  # LiSSA steps J per repeat
+    batch_size: int = 8  # training minibatch for each Hessian-vector product
+    score_batch_size: int = 32  # training images per scoring pass
+    damping: float = 0.01  # LiSSA damping; the effective Tikhonov damping is damping * scale
+    scale: float | None = None  # None: estimated once per process ("auto")
+    repeat: int = 1  # independent LiSSA runs averaged
+    layers: tuple[str, ...] | None = None  # parameters: these layers' weights only
+    last_layers: int | None = None  # parameters: the last k layers with weights only
+    seed: int = 0
+    top: int = 5
+    all_labels: bool = False  # score the whole training set, not only the test image's label
+    save_format: str = "png"
+
+    def fingerprint(self) -> dict:
+        """The settings that change the scores (format and top-k only change the files)."""
+        fields = dataclasses.asdict(self)
+        for presentation_only in ("save_format", "top", "score_batch_size"):
+            fields.pop(presentation_only)
+        fields["layers"] = list(self.layers) if self.layers else None
+        return fields
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    folder: str
+    label: int
+    number: int  # 1-based position among the folder's test images with this label
+    row: int  # index into the folder's arrays
+
+
+@dataclass(frozen=True)
+class ItemFiles:
+    directory: Path
+    harmful: Path
+    useful: Path
+    scores: Path
+    record: Path
+
+    @property
+    def results(self) -> tuple[Path, ...]:
+        return (self.harmful, self.useful, self.scores)
+
+
+@dataclass
+class Summary:
+    computed: int = 0
+    skipped: int = 0
+    planned: int = 0
+    scale: float | None = None
+    output_dir: Path = field(default_factory=Path)
+
+
+# -- planning -------------------------------------------------------------------------------
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` -> ``(0, 1)``."""
+    if text is None:
+        return 0, 1
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise UserError(f"--shard {text!r} is not of the form i/n (e.g. 0/4)") from None
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {text}: need n >= 1 and 0 <= i < n (shards are numbered 0 to n-1)")
+    return index, count
+
+
+def plan_work(test: archive.TestArchive, *, folders=None, labels=None) -> list[WorkItem]:
+    """Every (folder, label, test image) selected, in a fixed order: folders as archived,
+    labels ascending, images as archived."""
+    if folders:
+        unknown = [name for name in folders if name not in test.folders]
+        if unknown:
+            raise UserError(f"unknown test folder {', '.join(unknown)}; the test archive has {', '.join(test.folders)}")
+        if len(set(folders)) != len(folders):
+            raise UserError(f"--folders names a folder twice: {' '.join(folders)}")
+    chosen_folders = [name for name in test.folders if not folders or name in folders]
+    items = []
+    found_labels: set[int] = set()
+    for name in chosen_folders:
+        folder_labels = np.asarray(test.folder(name).labels)
+        found_labels.update(int(label) for label in folder_labels)
+        for label in sorted(set(int(label) for label in folder_labels)):
+            if labels is not None and label not in labels:
+                continue
+            rows = np.flatnonzero(folder_labels == label)
+            items.extend(WorkItem(name, label, number, int(row)) for number, row in enumerate(rows, start=1))
+    if labels is not None:
+        missing = sorted(set(labels) - found_labels)
+        if missing:
+            raise UserError(
+                f"no test images with label {', '.join(map(str, missing))} in {', '.join(chosen_folders)}; "
+                f"labels present: {_compact(sorted(found_labels))}"
+            )
+    return items
+
+
+def select_shard(items: list[WorkItem], index: int, count: int) -> list[WorkItem]:
+    """Round-robin split: shard i takes items i, i+n, i+2n, ... of the full plan."""
+    return items[index::count]
+
+
+def _compact(values: list[int], limit: int = 20) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def item_files(output_dir: Path, item: WorkItem, save_format: str) -> ItemFiles:
+    directory = Path(output_dir) / item.folder / str(item.label)
+    return ItemFiles(
+        directory=directory,
+        harmful=directory / f"harmful_{item.number}.{save_format}",
+        useful=directory / f"useful_{item.number}.{save_format}",
+        scores=directory / f"{item.number}.npy",
+        record=directory / f"{item.number}.json",
+    )
+
+
+def read_record(files: ItemFiles) -> dict | None:
+    """The item's JSON record if it is there and parses, else None."""
+    try:
+        return json.loads(files.record.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(files: ItemFiles, fingerprint: dict) -> bool:
+    """Record written (it is written last), same settings, every result file present."""
+    record = read_record(files)
+    return (
+        record is not None
+        and record.get("settings", {}).get("fingerprint") == fingerprint
+        and all(path.is_file() and path.stat().st_size > 0 for path in files.results)
+    )
+
+
+def check_previous_results(output_dir: Path, items: list[WorkItem], settings: Settings, fingerprint: dict) -> None:
+    """Refuse to mix results of different settings in one output tree (unless --overwrite)."""
+    for item in items:
+        record = read_record(item_files(output_dir, item, settings.save_format))
+        if record is None:
+            continue
+        previous = record.get("settings", {}).get("fingerprint")
+        if previous != fingerprint:
+            changed = sorted(k for k in set(fingerprint) | set(previous or {}) if (previous or {}).get(k) != fingerprint.get(k))
+            raise UserError(
+                f"{output_dir} already holds results computed with other settings ({', '.join(changed)} differ, "
+                f"e.g. {item.folder}/{item.label}/{item.number}.json); pass --overwrite to replace them "
+                f"or --output-dir for a new tree"
+            )
+
+
+def check_writable(output_dir: Path) -> None:
+    existing = Path(output_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the output directory {output_dir}: {existing} is not a writable directory")
+
+
+# -- the training minibatches ---------------------------------------------------------------
+
+
+class TrainingMinibatches:
+    """Random minibatches ``(x, y)`` from the whole training archive, for the Hessian.
+
+    An infinite iterator; :meth:`reseed` restarts its random stream, so each test image
+    draws the same minibatches whichever process computes it.
+    """
+
+    def __init__(self, train: archive.TrainArchive, preprocess: Callable, batch_size: int):
+        self._train = train
+        self._preprocess = preprocess
+        self._batch_size = min(batch_size, len(train))
+        self._labels = np.asarray(train.labels, dtype=np.int64)
+        self._rng = np.random.default_rng(0)
+
+    def reseed(self, *key: int) -> None:
+        self._rng = np.random.default_rng(list(key))
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        # Sorted indices read the archive front to back; the order in a batch does not matter.
+        indices = np.sort(self._rng.choice(len(self._labels), size=self._batch_size, replace=False))
+        return self._preprocess(self._train.read(indices)), self._labels[indices]
+
+
+def item_seed(seed: int, item: WorkItem) -> tuple[int, ...]:
+    return (seed, zlib.crc32(item.folder.encode()), item.label, item.number)
+
+
+# -- the job --------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def class_name(names: dict[int, str], label: int) -> str | None:
+    return names.get(int(label))
+
+
+def calculate(
+    *,
+    train_path: Path,
+    test_path: Path,
+    output_dir: Path,
+    settings: Settings,
+    model_path: Path | None = None,
+    weights: Path | None = None,
+    preprocess: str | None = None,
+    folders: list[str] | None = None,
+    labels: list[int] | None = None,
+    shard: str | None = None,
+    overwrite: bool = False,
+    echo: Callable[..., None] = print,
+) -> Summary:
+    """Run the whole job; every check on the input happens before the first LiSSA step."""
+    from influence import archive
+
+    started = time.perf_counter()
+    shard_index, shard_count = parse_shard(shard)
+    output_dir = Path(output_dir)
+    with archive.open_train(train_path) as train, archive.open_test(test_path) as test:
+        if tuple(train.image_size) != tuple(test.image_size):
+            raise UserError(
+                f"{test_path} holds {_size(test.image_size)} images but {train_path} holds {_size(train.image_size)}; "
+                f"prepare both at the same --image-size"
+            )
+        items = select_shard(plan_work(test, folders=folders, labels=labels), shard_index, shard_count)
+        if not settings.all_labels:
+            for label in sorted({item.label for item in items}):
+                if len(train.label_indices(label)) == 0:
+                    raise UserError(
+                        f"no training images with label {label} ({class_name(train.class_names, label) or 'unnamed'}) "
+                        f"in {train_path}; score the whole training set with --all-labels, or leave it out with --labels"
+                    )
+        check_writable(output_dir)
+        fingerprint_without_model = settings.fingerprint()
+
+        from influence import models  # TensorFlow is imported from here on
+
+        loaded = models.load_classifier(model_path=model_path, weights=weights, preprocess=preprocess)
+        models.check_image_size(loaded, train.image_size)
+        highest = max([int(np.max(train.labels))] + [item.label for item in items])
+        if highest >= loaded.num_classes:
+            raise UserError(
+                f"label {highest} is out of range for {loaded.description}, which has {loaded.num_classes} outputs"
+            )
+        fingerprint = {
+            **fingerprint_without_model,
+            "model_sha256": loaded.sha256,
+            "preprocess": loaded.preprocess_name,
+        }
+        if not overwrite:
+            check_previous_results(output_dir, items, settings, fingerprint)
+
+        context = _prepare_engine(train, loaded, settings, echo)
+        summary = Summary(planned=len(items), scale=context.scale, output_dir=output_dir)
+        names = _class_names(train, loaded)
+        label_subset = None
+        for item in items:
+            files = item_files(output_dir, item, settings.save_format)
+            if not overwrite and is_complete(files, fingerprint):
+                summary.skipped += 1
+                continue
+            if label_subset is None or label_subset.key != (item.folder, item.label):
+                label_subset = _load_label_subset(train, item, settings, echo)
+            echo(f"Test image #{item.number} in process")
+            outputs.remove_stale_temporaries(files.directory)
+            _compute_item(
+                item=item,
+                files=files,
+                test_set=test.folder(item.folder),
+                train=train,
+                label_subset=label_subset,
+                context=context,
+                loaded=loaded,
+                settings=settings,
+                fingerprint=fingerprint,
+                names=names,
+                echo=echo,
+            )
+            summary.computed += 1
+    echo(
+        f"Done: {summary.computed} test images computed, {summary.skipped} already complete, "
+        f"of {summary.planned} in this shard ({time.perf_counter() - started:.0f} s) -> {output_dir}"
+    )
+    return summary
+
+
+def _size(size) -> str:
+    height, width = size
+    return f"{width}x{height}"
+
+
+def _class_names(train: archive.TrainArchive, loaded) -> dict[int, str]:
+    names = dict(train.class_names)
+    if loaded.is_imagenet:
+        from influence import imagenet
+
+        for label, name in enumerate(imagenet.class_names()):
+            names.setdefault(label, name)
+    return names
+
+
+@dataclass
+class EngineContext:
+    variables: list
+    minibatches: TrainingMinibatches
+    hvp_fn: Callable
+    scale: float
+    hvp_form: str
+
+
+def _prepare_engine(train, loaded, settings: Settings, echo) -> EngineContext:
+    """Parameters, the Hessian-vector product and the scale: once per process."""
+    import tensorflow as tf
+
+    from influence import hvp, ihvp, params
+
+    variables = params.select(
+        loaded.model, layers=list(settings.layers) if settings.layers else None, last=settings.last_layers
+    )
+    minibatches = TrainingMinibatches(train, loaded.preprocess, settings.batch_size)
+    hvp_fn = hvp.training_hvp(loaded.model, variables, minibatches)
+    scale = settings.scale
+    if scale is None:
+        minibatches.reseed(settings.seed, 0x5CA1E)
+        began = time.perf_counter()
+        echo("Estimate LiSSA scale...", end="")
+        scale = float(
+            ihvp.estimate_scale(hvp_fn, like=[tf.zeros_like(v) for v in variables], damping=settings.damping)
+        )
+        echo(f" {scale:.4g} ({time.perf_counter() - began:.1f} s)")
+    return EngineContext(
+        variables=variables,
+        minibatches=minibatches,
+        hvp_fn=hvp_fn,
+        scale=scale,
+        hvp_form=getattr(hvp_fn, "form", "auto"),
+    )
+
+
+@dataclass
+class LabelSubset:
+    key: tuple[str, int]
+    indices: np.ndarray  # (k,) global training indices
+    images: np.ndarray | None  # (k, H, W, 3) uint8; None with all_labels (streamed instead)
+
+
+def _load_label_subset(train, item: WorkItem, settings: Settings, echo) -> LabelSubset:
+    """The training images scored for this label, read once for all its test images."""
+    echo(f"Create label subset for {item.label} class...", end="")
+    if settings.all_labels:
+        subset = LabelSubset((item.folder, item.label), np.arange(len(train)), None)
+    else:
+        indices = np.asarray(train.label_indices(item.label))
+        subset = LabelSubset((item.folder, item.label), indices, train.read(indices))
+    echo(" finished")
+    return subset
+
+
+def _score_batches(train, subset: LabelSubset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(indices, images) batches covering the subset."""
+    if subset.images is None:
+        yield from train.iter_all(batch_size)
+        return
+    for start in range(0, len(subset.indices), batch_size):
+        yield subset.indices[start : start + batch_size], subset.images[start : start + batch_size]
+
+
+def _compute_item(*, item, files, test_set, train, label_subset, context, loaded, settings, fingerprint, names, echo):
+    from influence import hvp, ihvp, losses, scores
+
+    timings = {}
+    image = np.asarray(test_set.images[item.row])  # (H, W, 3) uint8
+    x_test = loaded.preprocess(image[None])
+    y_test = np.array([item.label])
+
+    began = time.perf_counter()
+    probabilities_or_logits = loaded.model(x_test, training=False)
+    predicted = int(np.argmax(probabilities_or_logits[0]))
+    test_loss = float(losses.per_example_loss(loaded.model)(x_test, y_test)[0])
+    v = hvp.loss_gradient(loaded.model, context.variables, x_test, y_test)
+    timings["test_gradient_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    context.minibatches.reseed(*item_seed(settings.seed, item))
+    steps = settings.depth * settings.repeat
+    with EstimateBar(total=steps, desc="IHVP calculation") as bar:
+        result = ihvp.lissa(
+            context.hvp_fn,
+            v,
+            depth=settings.depth,
+            damping=settings.damping,
+            scale=context.scale,
+            repeat=settings.repeat,
+            callback=lambda done, total, norm: bar.update(done - bar.n),
+        )
+    timings["lissa_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    all_scores = np.empty(len(label_subset.indices), dtype=np.float64)
+    position = {int(i): p for p, i in enumerate(label_subset.indices)} if label_subset.images is not None else None
+    total = len(label_subset.indices)
+    with progress_bar(total=total, desc="Batch influences", unit="img") as bar:
+        for indices, images in _score_batches(train, label_subset, settings.score_batch_size):
+            batch_scores = scores.influence_scores(
+                loaded.model, context.variables, result.s_test, loaded.preprocess(images), np.asarray(train.labels)[indices]
+            )
+            where = indices if position is None else [position[int(i)] for i in indices]
+            all_scores[where] = np.asarray(batch_scores, dtype=np.float64)
+            bar.update(len(indices))
+    if not np.all(np.isfinite(all_scores)):
+        raise UserError(
+            f"non-finite influence scores for {item.folder}/{item.label} test image #{item.number}; "
+            f"LiSSA did not converge: raise --scale or --damping"
+        )
+    timings["scoring_s"] = time.perf_counter() - began
+
+    ids = np.asarray(train.ids)[label_subset.indices]
+    train_labels = np.asarray(train.labels)[label_subset.indices]
+    order = np.argsort(all_scores, kind="stable")
+    top = min(settings.top, len(order))
+    harmful_rows = order[:top]  # most negative first
+    useful_rows = order[::-1][:top]  # most positive first
+
+    def rows(selected):
+        return [
+            {"id": str(ids[r]), "label": int(train_labels[r]), "score": float(all_scores[r])} for r in selected
+        ]
+
+    began = time.perf_counter()
+    test_id = str(test_set.ids[item.row])
+    label_name, predicted_name = class_name(names, item.label), class_name(names, predicted)
+    test_title = (
+        f"{item.folder}/{test_id}\nlabel {item.label}" + (f" ({label_name})" if label_name else "")
+        + f"\npredicted {predicted}" + (f" ({predicted_name})" if predicted_name else "")
+    )
+    for kind, selected, path in (("harmful", harmful_rows, files.harmful), ("useful", useful_rows, files.useful)):
+        panels = [
+            Panel(train.read(label_subset.indices[r : r + 1])[0], f"{all_scores[r]:+.3g}\n{ids[r]}") for r in selected
+        ]
+        plot_influence_row(
+            path,
+            heading=f"Top {top} {kind} training images for {item.folder} label {item.label}, test image #{item.number}",
+            test=Panel(image, test_title),
+            train=panels,
+        )
+    outputs.write_pickled_dict(files.scores, {str(i): float(s) for i, s in zip(ids, all_scores)})
+    timings["writing_s"] = time.perf_counter() - began
+
+    record = {
+        "record_version": RECORD_VERSION,
+        "test_id": test_id,
+        "folder": item.folder,
+        "label": item.label,
+        "label_name": label_name,
+        "number": item.number,
+        "predicted": predicted,
+        "predicted_name": predicted_name,
+        "test_loss": test_loss,
+        "n_train": len(train),
+        "n_scored": int(total),
+        "harmful": rows(harmful_rows),
+        "useful": rows(useful_rows),
+        "sign_convention": "score = s_test . grad L(z); positive: removing z would raise the test loss (useful); "
+        "negative: harmful; score / n_train predicts the leave-one-out change in test loss",
+        "settings": {
+            **dataclasses.asdict(settings),
+            "scale_used": context.scale,
+            "effective_damping": settings.damping * context.scale,
+            "hvp_form": context.hvp_form,
+            "parameters": int(sum(int(np.prod(v.shape)) for v in context.variables)),
+            "model": loaded.description,
+            "model_source": str(loaded.source) if loaded.source else None,
+            "model_sha256": loaded.sha256,
+            "preprocess": loaded.preprocess_name,
+            "fingerprint": fingerprint,
+        },
+        "lissa_norms": np.asarray(result.norms).tolist(),
+        "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
+        "versions": versions(),
+        "files": [path.name for path in files.results],
+    }
+    outputs.write_json(files.record, record)
+    echo(f"Top {top} harmful -> {files.harmful}")
+    echo(f"Top {top} useful -> {files.useful}")
+    echo(f"All influences dict -> {files.scores}")
