@@ -315,15 +315,21 @@ def calculate(
         if not overwrite:
             check_previous_results(output_dir, items, settings, fingerprint)
 
-        context = _prepare_engine(train, loaded, settings, echo)
-        summary = Summary(planned=len(items), scale=context.scale, output_dir=output_dir)
+        todo = [
+            item
+            for item in items
+            if overwrite or not is_complete(item_files(output_dir, item, settings.save_format), fingerprint)
+        ]
+        summary = Summary(planned=len(items), skipped=len(items) - len(todo), output_dir=output_dir)
+        if summary.skipped:
+            echo(f"{summary.skipped} of {len(items)} test images already complete in {output_dir}; skipping them")
+        if todo:
+            context = _prepare_engine(train, loaded, settings, echo)
+            summary.scale = context.scale
         names = _class_names(train, loaded)
         label_subset = None
-        for item in items:
+        for item in todo:
             files = item_files(output_dir, item, settings.save_format)
-            if not overwrite and is_complete(files, fingerprint):
-                summary.skipped += 1
-                continue
             if label_subset is None or label_subset.key != (item.folder, item.label):
                 label_subset = _load_label_subset(train, item, settings, echo)
             echo(f"Test image #{item.number} in process")
@@ -359,7 +365,7 @@ def _class_names(train: archive.TrainArchive, loaded) -> dict[int, str]:
     if loaded.is_imagenet:
         from influence import imagenet
 
-        for label, name in enumerate(imagenet.class_names()):
+        for label, (_, name) in enumerate(imagenet.classes()):
             names.setdefault(label, name)
     return names
 
