@@ -1,0 +1,246 @@
+"""The built-in demo: its data, its label errors, its classifier, its report, and one reduced run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from influence import demo
+from influence.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digit_index(train_id: str) -> int:
+    """``"3/digit_0123.png"`` -> 123, the scan's position in ``load_digits``."""
+    return int(Path(train_id).stem.split("_")[1])
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+def test_split_is_class_balanced_and_disjoint():
+    labels = load_digits().target
+    train, test = demo.split_scans(labels, train_per_class=20, test_per_class=3, seed=0)
+    assert np.bincount(labels[train], minlength=10).tolist() == [20] * 10
+    assert np.bincount(labels[test], minlength=10).tolist() == [3] * 10
+    assert not set(train) & set(test)
+    everything, held_out = demo.split_scans(labels, train_per_class=None, test_per_class=5, seed=0)
+    assert len(everything) == len(labels) - 50 and not set(everything) & set(held_out)
+    with pytest.raises(UserError, match="digit 8 has 174 scans"):
+        demo.split_scans(labels, train_per_class=170, test_per_class=5, seed=0)
+
+
+def test_planted_label_errors_are_wrong_and_only_where_recorded():
+    true = np.repeat(np.arange(10), 30)
+    given, flipped = demo.plant_label_errors(true, flip_fraction=0.05, seed=3)
+    assert len(flipped) == 15 == len(set(flipped.tolist()))
+    assert np.all(given[flipped] != true[flipped])
+    unflipped = np.setdiff1d(np.arange(len(true)), flipped)
+    assert np.array_equal(given[unflipped], true[unflipped])
+    again, flipped_again = demo.plant_label_errors(true, flip_fraction=0.05, seed=3)
+    assert np.array_equal(again, given) and np.array_equal(flipped_again, flipped)
+    other, _ = demo.plant_label_errors(true, flip_fraction=0.05, seed=4)
+    assert not np.array_equal(other, given)
+
+
+def test_written_folders_hold_the_scans_and_the_recorded_label_errors(tmp_path):
+    settings = demo.DemoSettings(train_per_class=12, test_per_class=2, flip_fraction=0.1, image_size=16)
+    record = demo.write_demo_data(tmp_path, settings)
+    data = tmp_path / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["noisy", "orig", "train"]
+    targets = load_digits().target
+
+    train_ids = demo.folder_ids(data / "train")
+    assert record["n_train"] == len(train_ids) == 120
+    assert record["n_flipped"] == len(record["flipped"]) == 12
+    flipped = {entry["id"]: entry for entry in record["flipped"]}
+    for train_id in train_ids:
+        folder_label, true_label = int(train_id.split("/")[0]), int(targets[digit_index(train_id)])
+        if train_id in flipped:
+            # A planted error sits in another digit's folder; the record knows the truth.
+            assert flipped[train_id]["given_label"] == folder_label != true_label
+            assert flipped[train_id]["true_label"] == true_label
+        else:
+            assert folder_label == true_label
+
+    for folder in ("orig", "noisy"):
+        ids = demo.folder_ids(data / folder)
+        assert len(ids) == 20
+        assert all(int(i.split("/")[0]) == targets[digit_index(i)] for i in ids)
+    assert demo.folder_ids(data / "orig") == demo.folder_ids(data / "noisy")
+    assert not {digit_index(i) for i in demo.folder_ids(data / "orig")} & {digit_index(i) for i in train_ids}
+
+    some_id = demo.folder_ids(data / "orig")[0]
+    clean = np.asarray(Image.open(data / "orig" / some_id), dtype=np.float64)  # (16, 16) grey
+    noisy = np.asarray(Image.open(data / "noisy" / some_id), dtype=np.float64)
+    assert clean.shape == (16, 16)
+    assert 0.2 * 255 < np.std(noisy - clean) < 0.45 * 255  # noise std 0.35 * 255, less where clipped
+    # Dark ink on white paper: the scan's ink pixels are the dark ones.
+    scan = load_digits().images[digit_index(some_id)]
+    small = np.asarray(Image.fromarray(clean.astype(np.uint8)).resize((8, 8), Image.Resampling.BILINEAR), float)
+    assert np.corrcoef(small.ravel(), scan.ravel())[0, 1] < -0.8
+
+    # Writing again gives the same files: re-runs are reproducible.
+    before = {i: (data / "train" / i).read_bytes() for i in train_ids}
+    assert demo.write_demo_data(tmp_path, settings) == record
+    assert {i: (data / "train" / i).read_bytes() for i in demo.folder_ids(data / "train")} == before
+
+
+# -- classifier ---------------------------------------------------------------------------
+
+
+def test_classifier_trains_deterministically_and_saves_a_regularised_softmax_model(tmp_path):
+    import keras
+
+    settings = demo.DemoSettings(train_per_class=25, test_per_class=2, flip_fraction=0.04, image_size=8)
+    demo.write_demo_data(tmp_path, settings)
+    train_dir = tmp_path / "data" / "train"
+    first = demo.train_classifier(train_dir, tmp_path / "a.keras", epochs=15, seed=1)
+    demo.train_classifier(train_dir, tmp_path / "b.keras", epochs=15, seed=1)
+    assert first["train_accuracy_on_given_labels"] > 0.8
+
+    model, twin = keras.models.load_model(tmp_path / "a.keras"), keras.models.load_model(tmp_path / "b.keras")
+    for weights, twin_weights in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(weights, twin_weights)
+    assert model.input_shape == (None, 8, 8, 3)
+    assert len(model.losses) == 3  # the L2 penalty of each weighted layer, part of the objective
+
+    _, images, labels = demo.read_folder_images(tmp_path / "data" / "orig")
+    probabilities = np.asarray(model(images / 255.0))  # (20, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.mean(probabilities.argmax(axis=1) == labels) >= 0.7
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def test_hypergeometric_pmf_and_tail_match_enumeration():
+    pmf = demo.hypergeometric_pmf(draws=3, population=10, marked=4)
+    assert pmf.sum() == pytest.approx(1.0)
+    assert (np.arange(4) * pmf).sum() == pytest.approx(3 * 4 / 10)
+    # Two test images, each drawing 3 of 10 items of which 4 are marked: enumerate all draws.
+    from itertools import combinations
+
+    draws = list(combinations(range(10), 3))
+    counts = [sum(i < 4 for i in a) + sum(i < 4 for i in b) for a, b in product(draws, draws)]
+    for found in range(7):
+        expected = np.mean([count >= found for count in counts])
+        assert demo.random_pick_tail(found=found, images=2, draws=3, population=10, marked=4) == pytest.approx(expected)
+
+
+def write_fake_result(directory: Path, n: int, *, test_id: str, label: int, predicted: int, scores: dict) -> None:
+    """One test image's outputs in calculate.py's layout (see calculate_spec)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / f"{n}.npy", np.array(scores, dtype=object), allow_pickle=True)
+    (directory / f"{n}.json").write_text(
+        json.dumps({"test_id": test_id, "folder": directory.parent.name, "label": label, "predicted": predicted, "test_loss": 1.0})
+    )
+
+
+def fake_run(tmp_path: Path, *, all_labels: bool = True):
+    train_ids = [f"{d}/digit_{d * 10 + j:04d}.png" for d in range(2) for j in range(10)]  # 20 images, labels 0, 1
+    flipped_record = {
+        "flipped": [
+            {"id": "1/digit_0013.png", "true_label": 0, "given_label": 1},
+            {"id": "0/digit_0007.png", "true_label": 1, "given_label": 0},
+        ]
+    }
+    calc = tmp_path / "calc_output"
+    base = {train_id: float(i) for i, train_id in enumerate(train_ids)}  # ascending: first ids most harmful
+    # orig/0/1: a 0 taken for a 1; a flipped image is the most harmful, the other 4th.
+    misread = dict(base, **{"1/digit_0013.png": -5.0, "0/digit_0007.png": 2.5})
+    write_fake_result(calc / "orig" / "0", 1, test_id="0/digit_0100.png", label=0, predicted=1, scores=misread)
+    # orig/1/1: correct; no flipped image in its top 3.
+    write_fake_result(calc / "orig" / "1", 1, test_id="1/digit_0101.png", label=1, predicted=1, scores=base)
+    # noisy/1/1: a 1 taken for a 0; one flipped image ranked 2nd.
+    noisy = dict(base, **{"0/digit_0007.png": 0.5})
+    if not all_labels:
+        noisy = {k: v for k, v in noisy.items() if k.startswith("1/")}
+    write_fake_result(calc / "noisy" / "1", 1, test_id="1/digit_0101.png", label=1, predicted=0, scores=noisy)
+    return calc, flipped_record, train_ids
+
+
+def test_report_counts_flipped_images_among_the_top_harmful(tmp_path):
+    calc, flipped_record, train_ids = fake_run(tmp_path)
+    report = demo.build_report(
+        calc_dir=calc, flipped_record=flipped_record, train_ids=train_ids, test_counts={"orig": 2, "noisy": 1}, top=3
+    )
+    assert report["n_train"] == 20 and report["n_flipped"] == 2 and report["top"] == 3
+    assert report["folders"] == {"orig": {"test_images": 2, "misclassified": 1}, "noisy": {"test_images": 1, "misclassified": 1}}
+    wrong = report["misclassified_images"]
+    assert [(e["folder"], e["label"], e["predicted"]) for e in wrong] == [("orig", 0, 1), ("noisy", 1, 0)]
+    assert wrong[0]["harmful"] == ["1/digit_0013.png", "0/digit_0000.png", "0/digit_0001.png"]
+    assert [(f["id"], f["rank"], f["true_label"]) for f in wrong[0]["flipped_in_harmful"]] == [("1/digit_0013.png", 1, 0)]
+    assert [(f["id"], f["rank"]) for f in wrong[1]["flipped_in_harmful"]] == [("0/digit_0007.png", 2)]
+    assert wrong[1]["figure"].endswith(os.path.join("noisy", "1", "harmful_1.png"))
+
+    assert report["misclassified"] == {
+        "test_images": 2,
+        "picks": 6,
+        "flipped_found": 2,
+        "distinct_flipped_found": 2,
+        "random_expected": pytest.approx(6 * 2 / 20),
+        "random_p_value": pytest.approx(demo.random_pick_tail(found=2, images=2, draws=3, population=20, marked=2)),
+    }
+    assert report["all_test_images"]["test_images"] == 3 and report["all_test_images"]["flipped_found"] == 2
+    text = demo.format_report(report, out_dir=tmp_path, calc_dir=calc)
+    assert "label errors among them: 2 (2 distinct)" in text and "random pick would find: 0.6" in text
+
+
+def test_report_refuses_incomplete_or_label_only_results(tmp_path):
+    calc, flipped_record, train_ids = fake_run(tmp_path / "partial")
+    with pytest.raises(UserError, match="results for 1 test images, expected 2"):
+        demo.build_report(calc_dir=calc, flipped_record=flipped_record, train_ids=train_ids, test_counts={"noisy": 2}, top=3)
+    calc, flipped_record, train_ids = fake_run(tmp_path / "label_only", all_labels=False)
+    with pytest.raises(UserError, match="--all-labels"):
+        demo.build_report(calc_dir=calc, flipped_record=flipped_record, train_ids=train_ids, test_counts={"noisy": 1}, top=3)
+
+
+# -- re-runs and bad input ----------------------------------------------------------------
+
+
+def test_rerun_reuses_matching_settings_and_clears_only_the_demos_files(tmp_path):
+    settings = demo.DemoSettings(train_per_class=5, test_per_class=1)
+    for name in ("data/train", "calc_output/orig"):
+        (tmp_path / name).mkdir(parents=True)
+    for name in ("model.keras", "flipped.json", "train.npz", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / demo.SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(settings)))
+
+    assert demo.reuse_or_clear(tmp_path, settings, fresh=False) is True
+    assert (tmp_path / "calc_output" / "orig").is_dir() and (tmp_path / "model.keras").exists()
+
+    changed = demo.DemoSettings(train_per_class=6, test_per_class=1)
+    assert demo.reuse_or_clear(tmp_path, changed, fresh=False) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the user's own file stays
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--top", "0"], "--top 0: must be at least 1"),
+        (["--flip-fraction", "1.5"], "--flip-fraction 1.5: must be between 0 and 1"),
+        (["--train-per-class", "200"], "digit 0 has 178 scans"),
+        (["--image-size", "4"], "--image-size 4: must be at least 8"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2_and_write_nothing(tmp_path, option, message):
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "demo.py"), "--out", str(out), *option], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().count("\n") == 0 and message in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not out.exists() or not any(out.iterdir())
