@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from influence import losses
 from influence.errors import UserError
 
 VGG16_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
@@ -210,30 +211,12 @@ def _load_weights(model: keras.Model, path: Path) -> None:
         ) from error
 
 
-def _output_activation(model: keras.Model):
-    """The activation the model's output goes through last, or None when it cannot be seen."""
-    try:
-        layer = model.outputs[0]._keras_history.operation
-    except (AttributeError, IndexError, TypeError):
-        layer = model.layers[-1] if model.layers else None
-    if isinstance(layer, keras.layers.Softmax):
-        return "softmax"
-    activation = getattr(layer, "activation", None)
-    if activation is None:
-        return None
-    return getattr(activation, "__name__", str(activation))
-
-
 def _from_logits(model: keras.Model, path: Path) -> bool:
-    activation = _output_activation(model)
-    if activation == "softmax":
-        return False
-    if activation in (None, "linear"):
-        return True
-    raise UserError(
-        f"model {path} ends in a {activation} activation; influence uses the cross-entropy over "
-        f"classes, so the model must end in softmax probabilities or linear logits"
-    )
+    """True when the model outputs logits, False when it ends in a softmax; else a UserError."""
+    try:
+        return losses.output_kind(model) == losses.LOGITS
+    except UserError as error:
+        raise UserError(f"model {path}: {error}") from error
 
 
 def _check_classifier_shapes(model: keras.Model, path: Path) -> tuple[tuple[int | None, int | None], int]:

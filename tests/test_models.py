@@ -260,6 +260,19 @@ def test_saved_softmax_layer_classifier_is_marked_probabilities(tmp_path):
     assert loaded.from_logits is False and loaded.num_classes == 4
 
 
+def test_saved_model_wrapping_a_classifier_loads(tmp_path):
+    inner = _tiny_classifier(activation=None)
+    outer = keras.Sequential([keras.Input((*TINY_SIZE, 3)), keras.layers.Rescaling(1 / 255), inner])
+    path = tmp_path / "wrapped.keras"
+    outer.save(path)
+    loaded = models.load_classifier(model_path=path)
+    images = _images()
+    np.testing.assert_allclose(
+        loaded.model(loaded.preprocess(images)).numpy(), inner(images / 255.0).numpy(), rtol=1e-5, atol=1e-6
+    )
+    assert loaded.from_logits is True and loaded.input_size == TINY_SIZE and loaded.num_classes == 3
+
+
 def test_weights_loaded_into_a_saved_model_in_keras2_layout(tmp_path):
     model_path = tmp_path / "tiny.keras"
     _tiny_classifier(seed=1).save(model_path)
@@ -289,7 +302,7 @@ def _flat_model(output_layer) -> keras.Model:
     "build, expected",
     [
         (lambda: _flat_model(keras.layers.Dense(1, activation="softmax")), r"outputs shape \(None, 1\)"),
-        (lambda: _tiny_classifier(activation="sigmoid"), "ends in a sigmoid activation"),
+        (lambda: _tiny_classifier(activation="sigmoid"), "applies 'sigmoid'"),
         (
             lambda: keras.Model(k := keras.Input((*TINY_SIZE, 3)), keras.layers.Conv2D(3, 1)(k)),
             r"outputs shape \(None, 8, 8, 3\)",
