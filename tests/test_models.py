@@ -144,9 +144,12 @@ def test_vgg16_weights_found_in_keras_cache(vgg16_weights, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
     cached = keras_home / "models" / models.VGG16_WEIGHTS_FILE
     assert models.default_weights_path() == cached
+    # Pretend this file is Keras's genuine download: it is then named as ImageNet weights.
+    monkeypatch.setattr(models, "VGG16_WEIGHTS_MD5", hashlib.md5(path.read_bytes()).hexdigest())
     loaded = models.load_classifier(preprocess="unit")
     assert loaded.source == str(cached)
     assert loaded.sha256 == _sha256(path)
+    assert loaded.description == "VGG16 (ImageNet weights)"
     assert loaded.preprocess_name == "unit"
     _assert_seeded(loaded.model)
 
