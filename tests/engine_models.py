@@ -27,6 +27,17 @@ def mlp(*, softmax: bool, regularise: float = 0.0, inputs: int = 5, hidden: int 
     ], name="mlp")
 
 
+def softmax_regression(*, l2: float, inputs: int = 5, classes: int = 3, seed: int = 0,
+                       dtype: str = "float32") -> keras.Model:
+    """Multinomial logistic regression with an L2 penalty on all weights: a strictly convex objective."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((inputs,), dtype=dtype),
+        keras.layers.Dense(classes, activation="softmax", kernel_regularizer=keras.regularizers.L2(l2),
+                           bias_regularizer=keras.regularizers.L2(l2), name="predictions", dtype=dtype),
+    ], name="softmax_regression")
+
+
 def small_cnn(*, softmax: bool = True, regularise: float = 0.0, size: int = 8, classes: int = 3,
               seed: int = 0) -> keras.Model:
     """Conv-pool-Dense image classifier on (size, size, 3) images, about 900 weights."""

@@ -1,0 +1,331 @@
+"""Inverse-Hessian-vector products: ``s_test = H^-1 v`` for ``v = grad L(z_test)``.
+
+Every solver sees only ``hvp_fn(vec) -> H vec`` (lists of tensors in and out) and the
+vector ``v``; the model, the loss and the data live in the closure that built ``hvp_fn``
+(``hvp.training_hvp``). That is why they can be checked on a 3x3 matrix.
+
+- :func:`lissa`: the stochastic recursion, the only one that scales to VGG16 and ImageNet;
+- :func:`conjugate_gradient`: for a deterministic (full-batch) ``hvp_fn`` on small models;
+- :func:`exact_solve`: builds ``H`` column by column and calls ``np.linalg.solve``.
+
+Damping, once and for all. LiSSA's ``damping`` is the coefficient in its recursion, and
+its fixed point is ``(H + damping * scale * I)^-1 v``: the Tikhonov damping it applies is
+``damping * scale`` (``LissaResult.effective_damping``). CG and the exact solve take the
+Tikhonov damping itself: ``conjugate_gradient(..., damping=d)`` solves ``(H + d I) x = v``.
+To reproduce a LiSSA result with them, pass ``damping=result.effective_damping``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from influence.errors import UserError
+
+Vector = Sequence[tf.Tensor]  # one tensor per parameter variable
+HvpFn = Callable[[Vector], Vector]
+
+DEFAULT_SCALE_MARGIN = 1.5
+DEFAULT_SCALE_ITERATIONS = 20
+# The bound on ||h_j|| is this many times the largest norm a contracting recursion can
+# reach (see _norm_bound); a diverging one grows geometrically and crosses it fast.
+NORM_BOUND_FACTOR = 10.0
+
+
+class LissaDivergedError(UserError):
+    """LiSSA's estimate became non-finite or grew past its bound; the message says what to change."""
+
+
+@dataclass
+class LissaResult:
+    """What :func:`lissa` returns.
+
+    ``s_test``: the estimate of ``(H + effective_damping * I)^-1 v``, shaped like ``v``;
+    ``norms``: (repeat, depth) ``||h_j||`` after every step, to inspect convergence;
+    ``scale``, ``damping``, ``depth``, ``repeat``: the settings used (``scale`` as a number
+    even when ``"auto"`` was asked for); ``effective_damping = damping * scale``.
+    """
+
+    s_test: list[tf.Tensor]
+    norms: np.ndarray
+    scale: float
+    damping: float
+    depth: int
+    repeat: int
+
+    @property
+    def effective_damping(self) -> float:
+        return self.damping * self.scale
+
+    @property
+    def relative_change(self) -> float:
+        """``| ||h_J|| - ||h_{J-1}|| | / ||h_J||`` averaged over runs: near 0 once converged."""
+        if self.depth < 2:
+            return float("nan")
+        last, before = self.norms[:, -1], self.norms[:, -2]
+        return float(np.mean(np.abs(last - before) / np.maximum(last, 1e-30)))
+
+
+@dataclass
+class SolveResult:
+    """What :func:`conjugate_gradient` and :func:`exact_solve` return.
+
+    ``s_test`` solves ``(H + damping * I) s_test = v``; ``residual_norms`` holds
+    ``||v - (H + damping I) x_k||`` per CG iteration (one entry for the exact solve).
+    """
+
+    s_test: list[tf.Tensor]
+    damping: float
+    residual_norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def effective_damping(self) -> float:
+        return self.damping
+
+
+# -- small vector algebra on lists of tensors -------------------------------------------
+
+def _dot(a: Vector, b: Vector) -> float:
+    return float(tf.add_n([tf.reduce_sum(tf.cast(x, tf.float64) * tf.cast(y, tf.float64))
+                           for x, y in zip(a, b)]))
+
+
+def _norm(a: Vector) -> float:
+    return math.sqrt(max(_dot(a, a), 0.0))
+
+
+def _axpy(alpha: float, x: Vector, y: Vector) -> list[tf.Tensor]:
+    """``alpha * x + y``."""
+    return [alpha * xi + yi for xi, yi in zip(x, y)]
+
+
+def _scaled(alpha: float, x: Vector) -> list[tf.Tensor]:
+    return [alpha * xi for xi in x]
+
+
+def flatten(vector: Vector) -> np.ndarray:
+    """One (N,) float64 array from a list of tensors."""
+    return np.concatenate([np.asarray(part, dtype=np.float64).ravel() for part in vector])
+
+
+def unflatten(flat: np.ndarray, like: Vector) -> list[tf.Tensor]:
+    """The inverse of :func:`flatten`, with the shapes and dtypes of ``like``."""
+    parts, start = [], 0
+    for part in like:
+        size = int(np.prod(part.shape))
+        parts.append(tf.constant(flat[start:start + size].reshape(part.shape), dtype=part.dtype))
+        start += size
+    return parts
+
+
+@tf.function(reduce_retracing=True)
+def _lissa_step(v, h, hv, keep, inv_scale):
+    """``h_new = v + keep * h - inv_scale * hv`` and ``||h_new||``, in one compiled pass."""
+    updated = [vi + keep * hi - inv_scale * hvi for vi, hi, hvi in zip(v, h, hv)]
+    squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(u, tf.float64))) for u in updated])
+    return updated, tf.sqrt(squares)
+
+
+# -- scale -------------------------------------------------------------------------------
+
+def estimate_scale(hvp_fn: HvpFn, *, like: Vector, damping: float = 0.0,
+                   iterations: int = DEFAULT_SCALE_ITERATIONS,
+                   margin: float = DEFAULT_SCALE_MARGIN, seed: int = 0) -> float:
+    """``margin`` times the largest eigenvalue magnitude of the (regularised) training Hessian.
+
+    Power iteration: ``u <- H_j u / ||H_j u||`` from a random start, ``H_j`` on the next
+    minibatch each time (so ``hvp_fn`` sees ``iterations`` minibatches); the estimate is the
+    largest ``||H_j u||`` over the second half of the iterations, which errs high.
+    With ``scale = margin * |mu|_max`` every eigenvalue ``mu`` of ``H`` has ``|mu / scale| <=
+    1 / margin``, so the recursion factor ``1 - damping - mu / scale`` lies in ``(-1, 1)`` for
+    the positive curvature whenever ``margin > 1 / (2 - damping)``. Negative curvature (a
+    Hessian away from a minimum) contracts only if ``damping * scale > |mu|``; the divergence
+    guard in :func:`lissa` catches the case where it does not. Call this once per run and pass
+    the number to :func:`lissa`; each call costs ``iterations`` Hessian-vector products.
+    """
+    if iterations < 2:
+        raise UserError(f"power iteration needs at least 2 iterations, not {iterations}")
+    if not margin * (2.0 - damping) > 1.0:
+        raise UserError(f"scale margin {margin} is too small for damping {damping}: "
+                        f"the recursion contracts only for a margin above {1.0 / (2.0 - damping):.3g}")
+    rng = np.random.default_rng(seed)
+    flat = rng.standard_normal(sum(int(np.prod(part.shape)) for part in like))
+    u = unflatten(flat / np.linalg.norm(flat), like)
+    magnitudes = []
+    for _ in range(iterations):
+        hu = hvp_fn(u)
+        magnitude = _norm(hu)
+        if not math.isfinite(magnitude):
+            raise LissaDivergedError("the Hessian-vector product is not finite (NaN or inf): "
+                                     "check the model's weights and the input images")
+        magnitudes.append(magnitude)
+        if magnitude == 0.0:
+            break
+        u = _scaled(1.0 / magnitude, hu)
+    top = max(magnitudes[len(magnitudes) // 2:])
+    if top == 0.0:
+        raise UserError("the training Hessian is zero for these weights "
+                        "(no curvature): influence is undefined; select other layers")
+    return margin * top
+
+
+# -- LiSSA -------------------------------------------------------------------------------
+
+def _norm_bound(v_norm: float, damping: float, depth: int) -> float:
+    # A contracting recursion has ||h_j|| <= ||v|| * sum_k (1 - damping)^k <= ||v|| *
+    # min(1 / damping, j + 1); a tenfold allowance covers minibatch noise.
+    reach = depth + 1.0 if damping <= 0 else min(1.0 / damping, depth + 1.0)
+    return NORM_BOUND_FACTOR * v_norm * reach
+
+
+def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float | str,
+          repeat: int = 1, callback: Callable[[int, int, float], None] | None = None,
+          max_norm: float | None = None, scale_margin: float = DEFAULT_SCALE_MARGIN,
+          scale_iterations: int = DEFAULT_SCALE_ITERATIONS) -> LissaResult:
+    """Estimate ``s_test = H^-1 v`` by LiSSA (Agarwal et al. 2017; Koh & Liang 2017).
+
+    Each of ``repeat`` independent runs does ``depth`` steps of
+
+        h_0 = v
+        h_j = v + (1 - damping) h_{j-1} - H_j h_{j-1} / scale        (j = 1 .. depth)
+
+    with ``H_j`` the training Hessian on the next random minibatch (``hvp_fn``), and the
+    result is the mean over runs of ``h_depth / scale``. Its fixed point is
+
+        s_test = (H + damping * scale * I)^-1 v
+
+    so the Tikhonov damping applied is ``damping * scale`` (``result.effective_damping``),
+    not ``damping``.
+
+    - ``depth`` J: steps per run; the error shrinks like ``(1 - damping - mu_min/scale)^J``.
+    - ``damping`` in [0, 1): keeps the recursion contracting along flat or negative
+      curvature and regularises the solve; larger converges faster but biases ``s_test``.
+    - ``scale``: a number larger than the Hessian's top eigenvalue (``H / scale`` must have
+      norm below ``2 - damping``), or ``"auto"``: :func:`estimate_scale` with
+      ``scale_margin`` and ``scale_iterations`` (costs that many extra products; a caller
+      solving for many test points should estimate once and pass the number).
+    - ``repeat``: independent runs averaged, which reduces the minibatch noise.
+    - ``callback(step_done, total_steps, norm)`` after every step (a progress bar).
+    - ``max_norm``: the divergence bound on ``||h_j||``; default ten times the most a
+      contracting recursion can reach, ``||v|| * min(1 / damping, depth + 1)``.
+
+    Raises :class:`LissaDivergedError` when ``h_j`` becomes non-finite or its norm passes
+    the bound: the run is stopped, never retried with other settings behind the caller's
+    back (a different scale would change ``effective_damping`` and so the answer).
+    """
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise UserError(f"LiSSA depth must be a positive whole number, not {depth!r}")
+    if isinstance(repeat, bool) or not isinstance(repeat, (int, np.integer)) or repeat < 1:
+        raise UserError(f"LiSSA repeat must be a positive whole number, not {repeat!r}")
+    if not 0.0 <= damping < 1.0:
+        raise UserError(f"LiSSA damping must be in [0, 1), not {damping!r}")
+    v = [tf.convert_to_tensor(part) for part in v]
+    if scale == "auto":
+        scale = estimate_scale(hvp_fn, like=v, damping=damping, margin=scale_margin,
+                               iterations=scale_iterations)
+    elif isinstance(scale, str) or not (isinstance(scale, (int, float, np.floating)) and scale > 0
+                                        and math.isfinite(scale)):
+        raise UserError(f"LiSSA scale must be a positive number or 'auto', not {scale!r}")
+    scale = float(scale)
+    v_norm = _norm(v)
+    bound = _norm_bound(v_norm, damping, depth) if max_norm is None else float(max_norm)
+    keep = tf.constant(1.0 - damping, v[0].dtype)
+    inv_scale = tf.constant(1.0 / scale, v[0].dtype)
+    norms = np.zeros((repeat, depth))
+    total = None
+    for run in range(repeat):
+        h = list(v)
+        for step in range(depth):
+            h, norm = _lissa_step(v, h, hvp_fn(h), keep, inv_scale)
+            norm = float(norm)
+            norms[run, step] = norm
+            if not math.isfinite(norm) or norm > bound:
+                raise LissaDivergedError(_divergence_message(norm, bound, run, step, scale, damping))
+            if callback is not None:
+                callback(run * depth + step + 1, repeat * depth, norm)
+        total = h if total is None else [a + b for a, b in zip(total, h)]
+    s_test = _scaled(1.0 / (scale * repeat), total)
+    return LissaResult(s_test=s_test, norms=norms, scale=scale, damping=float(damping),
+                       depth=int(depth), repeat=int(repeat))
+
+
+def _divergence_message(norm, bound, run, step, scale, damping) -> str:
+    what = "is not finite" if not math.isfinite(norm) else f"= {norm:.3g} passed the bound {bound:.3g}"
+    return (f"LiSSA diverged: ||h_j|| {what} at step {step + 1} of run {run + 1} "
+            f"(scale {scale:.4g}, damping {damping:g}). The scale must exceed the Hessian's largest "
+            f"eigenvalue and damping * scale its most negative one: use scale 'auto' "
+            f"(with a larger margin), a scale of at least {2 * scale:.4g}, or a larger damping; "
+            f"restricting to the top layers also helps")
+
+
+# -- conjugate gradients and the exact solve ---------------------------------------------
+
+def conjugate_gradient(hvp_fn: HvpFn, v: Vector, *, damping: float, max_iterations: int = 100,
+                       tolerance: float = 1e-6) -> SolveResult:
+    """Solve ``(H + damping I) x = v`` by conjugate gradients.
+
+    ``damping`` here IS the Tikhonov damping (compare LiSSA's ``effective_damping``).
+    ``hvp_fn`` must be deterministic (the full training set as its minibatch) and
+    ``H + damping I`` positive definite; CG stops when ``||r|| <= tolerance * ||v||`` or
+    after ``max_iterations`` and raises :class:`LissaDivergedError` on negative curvature.
+    """
+    v = [tf.convert_to_tensor(part) for part in v]
+    x = [tf.zeros_like(part) for part in v]
+    r = list(v)
+    p = list(v)
+    rr = _dot(r, r)
+    stop = tolerance * math.sqrt(rr)
+    residuals = [math.sqrt(rr)]
+    for _ in range(max_iterations):
+        if math.sqrt(rr) <= stop:
+            break
+        ap = _axpy(damping, p, hvp_fn(p))
+        curvature = _dot(p, ap)
+        if not curvature > 0:
+            raise LissaDivergedError(f"conjugate gradients met non-positive curvature {curvature:.3g}: "
+                                     "H + damping I is not positive definite; raise the damping")
+        alpha = rr / curvature
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, ap, r)
+        rr_new = _dot(r, r)
+        residuals.append(math.sqrt(rr_new))
+        p = _axpy(rr_new / rr, p, r)
+        rr = rr_new
+    return SolveResult(s_test=x, damping=float(damping), residual_norms=np.asarray(residuals))
+
+
+def hessian_matrix(hvp_fn: HvpFn, *, like: Vector, max_parameters: int = 5000) -> np.ndarray:
+    """The explicit (N, N) matrix of ``hvp_fn``, one product per column, symmetrised."""
+    size = sum(int(np.prod(part.shape)) for part in like)
+    if size > max_parameters:
+        raise UserError(f"an explicit Hessian of {size} parameters is too large "
+                        f"(limit {max_parameters}); use LiSSA or select fewer layers")
+    columns = np.empty((size, size))
+    for index in range(size):
+        unit = np.zeros(size)
+        unit[index] = 1.0
+        columns[:, index] = flatten(hvp_fn(unflatten(unit, like)))
+    return 0.5 * (columns + columns.T)
+
+
+def exact_solve(hvp_fn: HvpFn, v: Vector, *, damping: float, max_parameters: int = 5000) -> SolveResult:
+    """``(H + damping I)^-1 v`` from the explicit Hessian and ``np.linalg.solve``.
+
+    ``damping`` is the Tikhonov damping itself; ``hvp_fn`` should be full-batch.
+    For small models and validation only: it costs one product per parameter.
+    """
+    v = [tf.convert_to_tensor(part) for part in v]
+    hessian = hessian_matrix(hvp_fn, like=v, max_parameters=max_parameters)
+    flat_v = flatten(v)
+    system = hessian + damping * np.eye(len(flat_v))
+    try:
+        solution = np.linalg.solve(system, flat_v)
+    except np.linalg.LinAlgError:
+        raise UserError(f"H + {damping:g} I is singular; raise the damping") from None
+    residual = np.linalg.norm(system @ solution - flat_v)
+    return SolveResult(s_test=unflatten(solution, v), damping=float(damping),
+                       residual_norms=np.asarray([residual]))
