@@ -66,9 +66,9 @@ class Classes:
         others = [name for name in folder_names if not imagenet.is_wnid(name)]
         if known:
             # Half-ImageNet folders are almost surely a typo; labels by position would be silently wrong for VGG16.
-            raise UserError(f"class folders {_listing(others)} are not ILSVRC-2012 WordNet ids, but "
-                            f"{len(known)} others are: name every train class folder by one of the 1000 "
-                            f"ImageNet wnids, or none of them")
+            raise UserError(f"train class folders mix ILSVRC-2012 WordNet ids ({_listing(known)}) with other "
+                            f"names ({_listing(others)}): name every class folder by one of the 1000 ImageNet "
+                            f"wnids, or none of them")
         ordered = sorted(folder_names, key=natural_key)
         return cls(NATURAL, {name: label for label, name in enumerate(ordered)},
                    {label: name for label, name in enumerate(ordered)})
