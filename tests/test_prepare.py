@@ -398,3 +398,46 @@ def test_meta_records_sources_and_settings(tmp_path):
     meta = archive.read_meta(tmp_path / "out/test.npz")
     assert meta["folders"][0]["source"] == str(test) and meta["folders"][0]["classes"] == [{"folder": "0", "label": 0}]
     json.dumps(meta)  # plain JSON all the way down
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def test_unwritable_output_directory_is_refused_before_reading_images(tmp_path, monkeypatch):
+    """The permission check as root cannot be provoked with chmod, so the probe's failure is simulated
+    (tests/test_prepare_cli.py runs the real chmod case for other users)."""
+    import errno
+    import tempfile
+
+    train = make_class_folders(tmp_path / "train", {"a": 1})
+    (tmp_path / "out").mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(UserError, match=r"output directory .*out is not writable: Permission denied"):
+        run_prepare(tmp_path, train, [train])
+    assert listing(tmp_path / "out") == []
+
+
+def test_disk_full_while_writing_is_one_line_and_keeps_previous_archives(tmp_path, monkeypatch):
+    import errno
+
+    train = make_class_folders(tmp_path / "train", {"a": 9, "b": 9})
+    run_prepare(tmp_path, train, [train])
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.npz", "test.npz")}
+    original = archive._NpzWriter.add_array
+    calls = []
+
+    def filling_up(self, name, array):
+        calls.append(name)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, name, array)
+
+    monkeypatch.setattr(archive._NpzWriter, "add_array", filling_up)
+    with pytest.raises(UserError, match=r"cannot write in .*out: No space left on device"):
+        run_prepare(tmp_path, train, [train], seed=5)
+    assert sorted(os.listdir(tmp_path / "out")) == ["test.npz", "train.npz"]
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
