@@ -28,14 +28,31 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def quiet_tensorflow(verbose: bool = False) -> None:
-    """Hide TensorFlow's start-up noise unless ``verbose``; call before importing it."""
+    """Import TensorFlow and Keras without their start-up noise, unless ``verbose``.
+
+    TensorFlow's C++ side writes "oneDNN custom operations are on" and absl's
+    pre-initialisation warning straight to file descriptor 2 during import, whatever
+    ``TF_CPP_MIN_LOG_LEVEL`` says, so the import runs with that descriptor on /dev/null.
+    """
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     warnings.filterwarnings("ignore", module="keras")
     warnings.filterwarnings("ignore", module="tensorflow")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.get_logger().setLevel(logging.ERROR)
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(devnull)
+        os.close(saved_stderr)
     try:
         import absl.logging
 

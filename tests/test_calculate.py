@@ -1,0 +1,303 @@
+"""calculate.py end to end, through the real scripts, on generated folders and a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagegen import make_class_folders
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CLASSES = {"alpha": 6, "beta": 5, "gamma": 6}  # labels 0, 1, 2 (natural sort order)
+SIZE = 8
+CALCULATE_ARGS = ["-i", "6", "-b", "4", "--score-batch-size", "4", "--preprocess", "unit", "--seed", "3"]
+
+
+def run_script(script, *args, cwd=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def save_tiny_classifier(path, images, labels, *, input_size=SIZE, classes=3):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((input_size, input_size, 3)),
+            keras.layers.Conv2D(3, 3, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(classes, activation="softmax", kernel_regularizer=keras.regularizers.L2(1e-3)),
+        ]
+    )
+    if images is not None:
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+        model.fit(images / 255.0, labels, epochs=15, batch_size=8, verbose=0)
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """train.npz / test.npz from prepare_data.py and a tiny softmax CNN trained on them."""
+    from influence import archive
+
+    root = tmp_path_factory.mktemp("calc")
+    make_class_folders(root / "train", TRAIN_CLASSES, size=(SIZE, SIZE))
+    make_class_folders(root / "orig", {"0": 2, "1": 1}, size=(SIZE, SIZE), class_indices={"0": 0, "1": 1})
+    make_class_folders(root / "noisy", {"2": 1}, size=(SIZE, SIZE), class_indices={"2": 2}, suffix=".jpg")
+    prepared = run_script(
+        "prepare_data.py", "-tr", root / "train", "-ts", root / "orig", root / "noisy",
+        "-o", root, "--image-size", str(SIZE), "-bs", "4",
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    with archive.open_train(root / "train.npz") as train:
+        images = train.read(np.arange(len(train))).astype("float32")
+        labels = np.asarray(train.labels)
+    save_tiny_classifier(root / "model.keras", images, labels)
+    return root
+
+
+def calculate(workspace, output_dir, *extra, timeout=300):
+    return run_script(
+        "calculate.py", "--train", workspace / "train.npz", "--test", workspace / "test.npz",
+        "--model", workspace / "model.keras", "--output-dir", output_dir, *CALCULATE_ARGS, *extra,
+        timeout=timeout,
+    )
+
+
+EXPECTED_ITEMS = [("orig", 0, 1), ("orig", 0, 2), ("orig", 1, 1), ("noisy", 2, 1)]
+
+
+def result_files(output_dir):
+    return sorted(str(p.relative_to(output_dir)) for p in Path(output_dir).rglob("*") if p.is_file())
+
+
+def load_scores(output_dir):
+    return {
+        (folder, label, n): np.load(Path(output_dir) / folder / str(label) / f"{n}.npy", allow_pickle=True).item()
+        for folder, label, n in EXPECTED_ITEMS
+    }
+
+
+@pytest.fixture(scope="module")
+def full_run(workspace):
+    output_dir = workspace / "calc_output"
+    result = calculate(workspace, output_dir)
+    assert result.returncode == 0, result.stderr
+    return output_dir, result
+
+
+def test_output_tree_is_complete(full_run):
+    output_dir, _ = full_run
+    expected = []
+    for folder, label, n in EXPECTED_ITEMS:
+        expected += [f"{folder}/{label}/{name}" for name in (f"{n}.json", f"{n}.npy", f"harmful_{n}.png", f"useful_{n}.png")]
+    assert result_files(output_dir) == sorted(expected)
+
+
+def test_console_output_follows_the_older_suite(full_run):
+    output_dir, result = full_run
+    out = result.stdout
+    assert "Create label subset for 0 class... finished" in out
+    assert out.count("Test image #1 in process") == 3 and out.count("Test image #2 in process") == 1
+    assert f"Top 5 harmful -> {output_dir}/orig/0/harmful_1.png" in out
+    assert f"Top 5 useful -> {output_dir}/orig/0/useful_1.png" in out
+    assert f"All influences dict -> {output_dir}/orig/0/1.npy" in out
+    assert "IHVP calculation |" in result.stderr and " est. | 100% |" in result.stderr
+    assert "Batch influences" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_each_dictionary_holds_every_training_image_of_its_label(workspace, full_run):
+    from influence import archive
+
+    output_dir, _ = full_run
+    with archive.open_train(workspace / "train.npz") as train:
+        ids_of = {label: set(np.asarray(train.ids)[train.label_indices(label)]) for label in range(3)}
+    for (folder, label, n), scores in load_scores(output_dir).items():
+        assert set(scores) == ids_of[label], (folder, label, n)
+        assert all(np.isfinite(list(scores.values())))
+        assert len(set(scores.values())) == len(scores)  # real, distinct scores
+
+
+def test_record_top_rows_are_the_dictionary_extremes(workspace, full_run):
+    output_dir, _ = full_run
+    for (folder, label, n), scores in load_scores(output_dir).items():
+        record = json.loads((output_dir / folder / str(label) / f"{n}.json").read_text())
+        ranked = sorted(scores, key=scores.get)
+        assert [row["id"] for row in record["harmful"]] == ranked[:5]
+        assert [row["id"] for row in record["useful"]] == ranked[::-1][:5]
+        assert [row["score"] for row in record["harmful"]] == [scores[i] for i in ranked[:5]]
+        assert record["label"] == label and record["folder"] == folder and record["number"] == n
+        assert record["test_id"].startswith(f"{label}/")
+        settings = record["settings"]
+        assert settings["depth"] == 6 and settings["batch_size"] == 4 and settings["seed"] == 3
+        assert settings["scale_used"] > 0 and settings["effective_damping"] == pytest.approx(0.01 * settings["scale_used"])
+        assert len(settings["model_sha256"]) == 64
+        norms = np.asarray(record["lissa_norms"])
+        assert norms.shape == (1, 6) and np.all(np.isfinite(norms)) and np.all(norms > 0)
+        assert set(record["versions"]) >= {"tensorflow", "keras", "numpy", "python"}
+
+
+def test_figures_show_the_test_image_and_the_top_five(full_run):
+    output_dir, _ = full_run
+    with Image.open(output_dir / "orig" / "0" / "harmful_1.png") as figure:
+        width, height = figure.size
+    # One row of 1 + 5 panels, each 2.6 x 3.4 inches.
+    assert width / height == pytest.approx(6 * 2.6 / 3.4, rel=0.02)
+
+
+def test_scores_equal_the_engine(workspace, full_run):
+    """Recompute one test image's scores with the engine directly: the job's plumbing
+    (image, label, preprocessing, minibatch seeding, id alignment) must not change them."""
+    import keras
+    import tensorflow as tf
+
+    from influence import archive, hvp, ihvp, job, params, scores
+
+    output_dir, _ = full_run
+    record = json.loads((output_dir / "orig" / "1" / "1.json").read_text())
+    model = keras.models.load_model(workspace / "model.keras", compile=False)
+    preprocess = lambda images: tf.convert_to_tensor(np.asarray(images, dtype="float32") / 255.0)  # noqa: E731
+    with archive.open_train(workspace / "train.npz") as train, archive.open_test(workspace / "test.npz") as test:
+        orig = test.folder("orig")
+        row = int(np.flatnonzero(np.asarray(orig.labels) == 1)[0])
+        variables = params.select(model)
+        v = hvp.loss_gradient(model, variables, preprocess(orig.images[row][None]), np.array([1]))
+        minibatches = job.TrainingMinibatches(train, preprocess, 4)
+        minibatches.reseed(*job.item_seed(3, job.WorkItem("orig", 1, 1, row)))
+        hvp_fn = hvp.training_hvp(model, variables, minibatches)
+        result = ihvp.lissa(hvp_fn, v, depth=6, damping=0.01, scale=record["settings"]["scale_used"], repeat=1)
+        indices = train.label_indices(1)
+        expected = scores.influence_scores(
+            model, variables, result.s_test, preprocess(train.read(indices)), np.asarray(train.labels)[indices]
+        )
+        expected = dict(zip(np.asarray(train.ids)[indices], np.asarray(expected, dtype=float)))
+    written = load_scores(output_dir)[("orig", 1, 1)]
+    assert written.keys() == expected.keys()
+    for key, value in expected.items():
+        assert written[key] == pytest.approx(value, rel=1e-4, abs=1e-7)
+
+
+def test_shards_cover_all_work_once_with_identical_scores(workspace, full_run):
+    output_dir, _ = full_run
+    sharded = workspace / "sharded"
+    for index in (0, 1):
+        result = calculate(workspace, sharded, "--shard", f"{index}/2")
+        assert result.returncode == 0, result.stderr
+        assert f"of {2} in this shard" in result.stdout
+    assert result_files(sharded) == result_files(output_dir)
+    full, parts = load_scores(output_dir), load_scores(sharded)
+    for key in EXPECTED_ITEMS:
+        assert parts[key] == full[key]  # same seed, same machine: identical, whichever shard
+
+
+def test_resume_after_kill_ends_with_the_same_complete_outputs(workspace, full_run):
+    output_dir, _ = full_run
+    resumed = workspace / "resumed"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "calculate.py"), "--train", str(workspace / "train.npz"),
+         "--test", str(workspace / "test.npz"), "--model", str(workspace / "model.keras"),
+         "--output-dir", str(resumed), *CALCULATE_ARGS],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    first_record = resumed / "orig" / "0" / "1.json"
+    deadline = time.monotonic() + 240
+    while not first_record.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first_record.exists()
+    finished_before_kill = len(list(resumed.rglob("*.json")))
+    assert finished_before_kill < len(EXPECTED_ITEMS), "the kill came too late to test resuming"
+
+    result = calculate(workspace, resumed)
+    assert result.returncode == 0, result.stderr
+    assert f"{finished_before_kill} of 4 test images already complete" in result.stdout
+    assert result_files(resumed) == result_files(output_dir)  # no temporaries left either
+    full, after = load_scores(output_dir), load_scores(resumed)
+    for key in EXPECTED_ITEMS:
+        assert after[key] == full[key]
+
+
+def test_rerun_skips_everything_and_overwrite_redoes_it(workspace, full_run):
+    output_dir, _ = full_run
+    again = calculate(workspace, output_dir, "--folders", "noisy")
+    assert again.returncode == 0, again.stderr
+    assert "1 of 1 test images already complete" in again.stdout and "Test image #" not in again.stdout
+    redo = calculate(workspace, output_dir, "--folders", "noisy", "--overwrite")
+    assert redo.returncode == 0 and redo.stdout.count("Test image #1 in process") == 1
+
+
+def test_changed_settings_are_refused_without_overwrite(workspace, full_run):
+    output_dir, _ = full_run
+    before = result_files(output_dir)
+    result = calculate(workspace, output_dir, "-i", "3")
+    assert result.returncode == 2
+    assert "other settings (depth differ" in result.stderr and "--overwrite" in result.stderr
+    assert result_files(output_dir) == before
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(workspace):
+    (workspace / "foreign.npz").write_bytes(b"PK\x03\x04 not an archive")
+    save_tiny_classifier(workspace / "wide.keras", None, None, input_size=10)
+    (workspace / "broken.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
+    return workspace
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train", "{ws}/missing.npz"], "missing.npz"),
+        (["--train", "{ws}/foreign.npz"], "foreign.npz"),
+        (["--train", "{ws}/test.npz"], "test.npz"),
+        (["--model", "{ws}/wide.keras"], "10x10"),
+        (["-sf", "gif"], "invalid choice: 'gif'"),
+        (["--shard", "3/2"], "--shard 3/2"),
+        (["--folders", "styled"], "unknown test folder styled"),
+        (["--labels", "7"], "no test images with label 7"),
+        (["--layers", "nonesuch"], "nonesuch"),
+        (["-i", "0"], "'0' is not a positive integer"),
+        (["--scale", "-1"], "neither 'auto' nor a finite number > 0"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, args, message):
+    output_dir = bad_inputs / "never"
+    full = ["--train", "{ws}/train.npz", "--test", "{ws}/test.npz", "--model", "{ws}/model.keras"]
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in full:
+            full[full.index(flag) + 1] = value
+        else:
+            full += [flag, value]
+    result = run_script("calculate.py", *[a.format(ws=bad_inputs) for a in full], "--output-dir", output_dir)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not output_dir.exists()
+
+
+def test_unreadable_vgg16_weights_fail_fast(bad_inputs):
+    workspace = bad_inputs
+    output_dir = workspace / "never"
+    result = run_script(
+        "calculate.py", "--train", workspace / "train.npz", "--test", workspace / "test.npz",
+        "--weights", workspace / "broken.h5", "--output-dir", output_dir,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "broken.h5" in result.stderr
+    assert not output_dir.exists()
