@@ -93,7 +93,7 @@ def decode_ids(blob: np.ndarray, count: int) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-class _NpzWriter:
+class ArchiveWriter:
     """An uncompressed npz built member by member under a temporary name."""
 
     def __init__(self, path: Path, *, kind: str, image_size: tuple[int, int]):
@@ -178,7 +178,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-class TrainWriter(_NpzWriter):
+class TrainWriter(ArchiveWriter):
     """Writes a train archive one batch at a time.
 
     ``with TrainWriter(path, image_size=(H, W)) as writer: writer.add_batch(...); ...;
@@ -220,7 +220,7 @@ class TrainWriter(_NpzWriter):
         return self._add_meta({**meta, "counts": counts})
 
 
-class TestWriter(_NpzWriter):
+class TestWriter(ArchiveWriter):
     """Writes a test archive one folder at a time; images are spilled to a
     temporary file while a folder is decoded, so memory stays flat."""
 

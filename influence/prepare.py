@@ -273,7 +273,7 @@ def _writing(out_dir: Path) -> Iterator[contextlib.ExitStack]:
         raise UserError(f"cannot write{where} in {out_dir}: {error.strerror or error}") from None
 
 
-def _create(writer: archive._NpzWriter) -> None:
+def _create(writer: archive.ArchiveWriter) -> None:
     print(f"Create {writer.kind} archive...", end=" ", flush=True)
     writer.close()
     print("finished", flush=True)

@@ -427,7 +427,7 @@ def test_disk_full_while_writing_is_one_line_and_keeps_previous_archives(tmp_pat
     train = make_class_folders(tmp_path / "train", {"a": 9, "b": 9})
     run_prepare(tmp_path, train, [train])
     before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.npz", "test.npz")}
-    original = archive._NpzWriter.add_array
+    original = archive.ArchiveWriter.add_array
     calls = []
 
     def filling_up(self, name, array):
@@ -436,7 +436,7 @@ def test_disk_full_while_writing_is_one_line_and_keeps_previous_archives(tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, name, array)
 
-    monkeypatch.setattr(archive._NpzWriter, "add_array", filling_up)
+    monkeypatch.setattr(archive.ArchiveWriter, "add_array", filling_up)
     with pytest.raises(UserError, match=r"cannot write in .*out: No space left on device"):
         run_prepare(tmp_path, train, [train], seed=5)
     assert sorted(os.listdir(tmp_path / "out")) == ["test.npz", "train.npz"]
