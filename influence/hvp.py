@@ -73,9 +73,12 @@ def compiled(model: keras.Model, variables, job: str, build: Callable) -> Callab
     return per_model[key]
 
 
-def _regularisation(model: keras.Model) -> tf.Tensor:
-    terms = model.losses
-    return tf.add_n([tf.cast(term, tf.float32) for term in terms]) if terms else tf.constant(0.0)
+def _objective(model: keras.Model, x, y) -> tf.Tensor:
+    mean_loss = tf.reduce_mean(losses.per_example_loss(model)(x, y))
+    terms = model.losses  # the weight regularisers, evaluated on the current weights
+    if not terms:
+        return mean_loss
+    return mean_loss + tf.add_n([tf.cast(term, mean_loss.dtype) for term in terms])
 
 
 def _build_loss_gradient(model_ref, tf_vars):
@@ -97,10 +100,6 @@ def loss_gradient(model: keras.Model, variables, x, y) -> list[tf.Tensor]:
     """
     x, y = as_batch(x, y)
     return compiled(model, variables, "loss_gradient", _build_loss_gradient)(x, y)
-
-
-def _objective(model, x, y):
-    return tf.reduce_mean(losses.per_example_loss(model)(x, y)) + _regularisation(model)
 
 
 def _build_forward_over_backward(model_ref, tf_vars):
