@@ -305,9 +305,11 @@ def random_pick_tail(*, found: int, images: int, draws: int, population: int, ma
     return float(min(1.0, total[found:].sum()))
 
 
-def top_harmful(scores: dict, k: int) -> list[str]:
-    """The ``k`` training ids with the most negative scores (negative = harmful), ties by id."""
-    return sorted(scores, key=lambda train_id: (float(scores[train_id]), train_id))[:k]
+def ranked_ends(scores: dict, k: int) -> tuple[list[str], list[str]]:
+    """The ``k`` most harmful ids (most negative score first) and the ``k`` most useful
+    (most positive first); ties broken by id so that the ranking is reproducible."""
+    ranked = sorted(scores, key=lambda train_id: (float(scores[train_id]), train_id))
+    return ranked[:k], sorted(scores, key=lambda train_id: (-float(scores[train_id]), train_id))[:k]
 
 
 def read_results(calc_dir: Path, folder: str) -> list[dict]:
@@ -324,16 +326,55 @@ def read_results(calc_dir: Path, folder: str) -> list[dict]:
     return results
 
 
+def label_errors_in(ids: list[str], *, flipped: dict, scores: dict, label: int, predicted: int) -> list[dict]:
+    """The planted label errors among ``ids``, each with its rank and how it relates to the test image.
+
+    ``shows_test_digit``: its true digit is the test image's label; ``teaches_prediction``:
+    the label it was given is the test image's predicted label.
+    """
+    return [
+        {
+            **flipped[train_id],
+            "rank": rank + 1,
+            "score": float(scores[train_id]),
+            "shows_test_digit": flipped[train_id]["true_label"] == label,
+            "teaches_prediction": flipped[train_id]["given_label"] == predicted,
+        }
+        for rank, train_id in enumerate(ids)
+        if train_id in flipped
+    ]
+
+
+def tally(entries: list[dict], *, top: int, population: int, marked: int) -> dict:
+    """Label errors among the top harmful and top useful images of ``entries``, against random picks."""
+    counts = {"test_images": len(entries), "picks": top * len(entries)}
+    for end in ("harmful", "useful"):
+        found = [error for entry in entries for error in entry[f"flipped_in_{end}"]]
+        counts[end] = {
+            "flipped_found": len(found),
+            "distinct_flipped_found": len({error["id"] for error in found}),
+            "shows_test_digit": sum(error["shows_test_digit"] for error in found),
+            "teaches_prediction": sum(error["teaches_prediction"] for error in found),
+            "either": sum(error["shows_test_digit"] or error["teaches_prediction"] for error in found),
+        }
+    counts["random_expected"] = counts["picks"] * marked / population
+    counts["random_p_value"] = random_pick_tail(
+        found=counts["harmful"]["flipped_found"], images=len(entries), draws=top, population=population, marked=marked
+    )
+    return counts
+
+
 def build_report(
     *, calc_dir: Path, flipped_record: dict, train_ids: Sequence[str], test_counts: dict[str, int], top: int,
     save_format: str = "png",
 ) -> dict:
     """Count the planted label errors among the top-``top`` harmful images of each test image.
 
-    Reads ``calc_dir/<folder>/<label>/<n>.json`` (prediction, label) and ``<n>.npy``
-    (score of every training image), ranks the training images by score itself,
+    Reads ``calc_dir/<folder>/<label>/<n>.json`` (label, prediction) and ``<n>.npy``
+    (the score of every training image), ranks the training images by score itself,
     and compares with a random pick of ``top`` training images per test image
     (hypergeometric: mean ``top * F / N`` per image; the tail probability is exact).
+    The top useful images are counted the same way, for contrast.
     """
     flipped = {entry["id"]: entry for entry in flipped_record["flipped"]}
     train_ids = set(train_ids)
@@ -341,7 +382,7 @@ def build_report(
     if not flipped.keys() <= train_ids:
         raise UserError(f"flipped ids missing from the training set: {sorted(flipped.keys() - train_ids)[:3]}")
 
-    folders, misclassified, every_image = {}, [], []
+    folders, every_image = {}, []
     for folder, expected in test_counts.items():
         results = read_results(calc_dir, folder)
         if len(results) != expected:
@@ -349,49 +390,38 @@ def build_report(
                 f"{calc_dir / folder} holds results for {len(results)} test images, expected {expected}; "
                 "calculate.py did not finish"
             )
-        wrong = 0
         for result in results:
-            if set(result["scores"]) != train_ids:
+            scores = result["scores"]
+            if set(scores) != train_ids:
                 raise UserError(
                     f"{result['json_path']}: the score table does not cover the whole training set "
                     "(calculate.py needs --all-labels for the demo's report)"
                 )
-            harmful = top_harmful(result["scores"], top)
-            entry = {
-                "folder": folder,
-                "label": int(result["label"]),
-                "n": result["n"],
-                "test_id": result["test_id"],
-                "predicted": int(result["predicted"]),
-                "test_loss": float(result["test_loss"]),
-                "harmful": harmful,
-                "flipped_in_harmful": [
-                    {**flipped[train_id], "rank": rank + 1, "score": float(result["scores"][train_id])}
-                    for rank, train_id in enumerate(harmful)
-                    if train_id in flipped
-                ],
-                "figure": str(Path(result["json_path"]).with_name(f"harmful_{result['n']}.{save_format}")),
-            }
-            every_image.append(entry)
-            if entry["predicted"] != entry["label"]:
-                wrong += 1
-                misclassified.append(entry)
-        folders[folder] = {"test_images": len(results), "misclassified": wrong}
-
-    def tally(entries: list[dict]) -> dict:
-        found = sum(len(entry["flipped_in_harmful"]) for entry in entries)
-        picks = top * len(entries)
-        return {
-            "test_images": len(entries),
-            "picks": picks,
-            "flipped_found": found,
-            "distinct_flipped_found": len({f["id"] for entry in entries for f in entry["flipped_in_harmful"]}),
-            "random_expected": picks * marked / population,
-            "random_p_value": random_pick_tail(
-                found=found, images=len(entries), draws=top, population=population, marked=marked
-            ),
+            label, predicted = int(result["label"]), int(result["predicted"])
+            harmful, useful = ranked_ends(scores, top)
+            relation = {"flipped": flipped, "scores": scores, "label": label, "predicted": predicted}
+            every_image.append(
+                {
+                    "folder": folder,
+                    "label": label,
+                    "n": result["n"],
+                    "test_id": result["test_id"],
+                    "predicted": predicted,
+                    "test_loss": float(result["test_loss"]),
+                    "harmful": harmful,
+                    "useful": useful,
+                    "flipped_in_harmful": label_errors_in(harmful, **relation),
+                    "flipped_in_useful": label_errors_in(useful, **relation),
+                    "figure": str(Path(result["json_path"]).with_name(f"harmful_{result['n']}.{save_format}")),
+                }
+            )
+        folders[folder] = {
+            "test_images": len(results),
+            "misclassified": sum(e["predicted"] != e["label"] for e in every_image if e["folder"] == folder),
         }
 
+    misclassified = [entry for entry in every_image if entry["predicted"] != entry["label"]]
+    counting = {"top": top, "population": population, "marked": marked}
     return {
         "n_train": population,
         "n_flipped": marked,
@@ -399,41 +429,71 @@ def build_report(
         "random_model": "hypergeometric: per test image, top training images drawn without replacement "
         "from n_train of which n_flipped are flipped; expected count top * n_flipped / n_train per image",
         "folders": folders,
-        "misclassified": tally(misclassified),
-        "all_test_images": tally(every_image),
+        "misclassified": tally(misclassified, **counting),
+        "all_test_images": tally(every_image, **counting),
         "misclassified_images": misclassified,
+        "examples": {
+            folder: best_example([entry for entry in misclassified if entry["folder"] == folder])
+            for folder in folders
+        },
     }
+
+
+def best_example(misclassified: list[dict]) -> dict | None:
+    """The misclassified test image whose top harmful images hold the most label errors related to it."""
+    if not misclassified:
+        return None
+
+    def related(entry: dict) -> tuple:
+        errors = entry["flipped_in_harmful"]
+        on_point = [e for e in errors if e["shows_test_digit"] or e["teaches_prediction"]]
+        return (len(on_point), len(errors), -min([e["rank"] for e in on_point] or [99]))
+
+    return max(misclassified, key=related)  # first of equals: archive order
+
+
+def _describe(entry: dict) -> str:
+    errors = ", ".join(
+        f"#{e['rank']} {e['id']} (digit {e['true_label']})" for e in entry["flipped_in_harmful"]
+    ) or "none"
+    return (
+        f"{entry['folder']}/{entry['test_id']}, digit {entry['label']} predicted {entry['predicted']}: "
+        f"label errors among its top harmful: {errors}"
+    )
 
 
 def format_report(report: dict, *, out_dir: Path, calc_dir: Path, timings: dict | None = None) -> str:
     """The report as the demo prints it."""
     k, wrong, every = report["top"], report["misclassified"], report["all_test_images"]
     share = 100 * report["n_flipped"] / report["n_train"]
+    harmful, useful = wrong["harmful"], wrong["useful"]
     lines = [
         "",
         "Demo report",
-        f"  training images: {report['n_train']}, of which {report['n_flipped']} ({share:.1f}%) were put "
-        f"in a wrong digit's folder (list: {out_dir / FLIPPED_FILE})",
+        f"  training images: {report['n_train']}, of which {report['n_flipped']} ({share:.1f}%) were put in a "
+        f"wrong digit's folder on purpose ({out_dir / FLIPPED_FILE})",
         "  test images: "
         + ", ".join(f"{folder} {c['test_images']} ({c['misclassified']} misclassified)" for folder, c in report["folders"].items()),
-        f"  top-{k} harmful training images of the {wrong['test_images']} misclassified test images: "
-        f"{wrong['picks']} picks",
-        f"    label errors among them: {wrong['flipped_found']} ({wrong['distinct_flipped_found']} distinct)",
-        f"    a random pick would find: {wrong['random_expected']:.1f} on average "
-        f"(P(>= {wrong['flipped_found']}) = {wrong['random_p_value']:.1e}, hypergeometric)",
-        f"  all {every['test_images']} test images, for comparison: {every['flipped_found']} label errors in "
-        f"{every['picks']} picks, random {every['random_expected']:.1f}",
+        f"  top-{k} harmful training images of the {wrong['test_images']} misclassified test images ({wrong['picks']} picks):",
+        f"    label errors: {harmful['flipped_found']} ({harmful['distinct_flipped_found']} distinct); "
+        f"a random pick finds {wrong['random_expected']:.1f} on average "
+        f"(hypergeometric; P(>= {harmful['flipped_found']}) = {wrong['random_p_value']:.1g})",
+        f"    of these, {harmful['either']} show the test image's digit ({harmful['shows_test_digit']}) or carry "
+        f"the wrongly predicted label ({harmful['teaches_prediction']})",
+        f"  their top-{k} useful images, for contrast: {useful['flipped_found']} label errors, {useful['either']} of "
+        "them showing the test image's digit or carrying the predicted label",
+        f"  all {every['test_images']} test images: {every['harmful']['flipped_found']} label errors in "
+        f"{every['picks']} top-{k} harmful picks, {every['useful']['flipped_found']} in the top-{k} useful "
+        f"(random {every['random_expected']:.1f})",
     ]
-    examples = sorted(report["misclassified_images"], key=lambda e: -len(e["flipped_in_harmful"]))[:3]
-    for example in examples:
-        if example["flipped_in_harmful"]:
-            errors = ", ".join(
-                f"#{f['rank']} {f['id']} (a {f['true_label']})" for f in example["flipped_in_harmful"]
-            )
-            lines.append(
-                f"  e.g. {example['folder']} {example['test_id']}, a {example['label']} taken for a "
-                f"{example['predicted']}: {errors}  -> {example['figure']}"
-            )
+    if useful["flipped_found"] > 2 * wrong["random_expected"]:
+        lines.append(
+            "  (label errors keep a high training loss, so large gradients: they lead the rankings at both ends)"
+        )
+    for example in report["examples"].values():
+        if example:
+            lines.append(f"  e.g. {_describe(example)}")
+            lines.append(f"       -> {example['figure']}")
     lines += [
         f"  figures: {calc_dir}/<test folder>/<label>/harmful_<n>.png and useful_<n>.png",
         f"  report: {out_dir / REPORT_FILE}",
@@ -480,7 +540,8 @@ def reuse_or_clear(out_dir: Path, settings: DemoSettings, *, fresh: bool) -> boo
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a directory")
     settings_path = out_dir / SETTINGS_FILE
-    recorded = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+    recorded = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    recorded.pop("training", None)  # what training reported, not a setting
     complete = all((out_dir / name).exists() for name in (DATA_DIR, MODEL_FILE, FLIPPED_FILE))
     if not fresh and complete and recorded == asdict(settings):
         return True
@@ -591,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "--seed", str(settings.seed)],
         )
         timings["prepare_only_test.py"] = run_script(
-            "prepare_only_test.py", ["-ts", *test_dirs, "-o", str(out_dir), "--image-size", size]
+            "prepare_only_test.py", ["-ts", *test_dirs, "-o", str(out_dir)]  # image size: train.npz's
         )
         timings["calculate.py"] = run_script(
             "calculate.py",

@@ -183,19 +183,26 @@ def test_report_counts_flipped_images_among_the_top_harmful(tmp_path):
     assert wrong[0]["harmful"] == ["1/digit_0013.png", "0/digit_0000.png", "0/digit_0001.png"]
     assert [(f["id"], f["rank"], f["true_label"]) for f in wrong[0]["flipped_in_harmful"]] == [("1/digit_0013.png", 1, 0)]
     assert [(f["id"], f["rank"]) for f in wrong[1]["flipped_in_harmful"]] == [("0/digit_0007.png", 2)]
+    assert wrong[0]["useful"] == ["1/digit_0019.png", "1/digit_0018.png", "1/digit_0017.png"]
     assert wrong[1]["figure"].endswith(os.path.join("noisy", "1", "harmful_1.png"))
 
+    # Both label errors sit where they explain the mistake: a 0 labelled 1 harms a 0 read as a 1.
     assert report["misclassified"] == {
         "test_images": 2,
         "picks": 6,
-        "flipped_found": 2,
-        "distinct_flipped_found": 2,
+        "harmful": {"flipped_found": 2, "distinct_flipped_found": 2, "shows_test_digit": 2, "teaches_prediction": 2, "either": 2},
+        "useful": {"flipped_found": 0, "distinct_flipped_found": 0, "shows_test_digit": 0, "teaches_prediction": 0, "either": 0},
         "random_expected": pytest.approx(6 * 2 / 20),
         "random_p_value": pytest.approx(demo.random_pick_tail(found=2, images=2, draws=3, population=20, marked=2)),
     }
-    assert report["all_test_images"]["test_images"] == 3 and report["all_test_images"]["flipped_found"] == 2
+    # orig/1/1 (correct) has no label error at either end, so the totals over all images stay 2 and 0.
+    assert report["all_test_images"]["test_images"] == 3
+    assert report["all_test_images"]["harmful"]["flipped_found"] == 2
+    assert report["examples"]["orig"]["test_id"] == "0/digit_0100.png"
+    assert report["examples"]["noisy"]["test_id"] == "1/digit_0101.png"
     text = demo.format_report(report, out_dir=tmp_path, calc_dir=calc)
-    assert "label errors among them: 2 (2 distinct)" in text and "random pick would find: 0.6" in text
+    assert "label errors: 2 (2 distinct); a random pick finds 0.6 on average" in text
+    assert "#1 1/digit_0013.png (digit 0)" in text
 
 
 def test_report_refuses_incomplete_or_label_only_results(tmp_path):
@@ -216,7 +223,7 @@ def test_rerun_reuses_matching_settings_and_clears_only_the_demos_files(tmp_path
         (tmp_path / name).mkdir(parents=True)
     for name in ("model.keras", "flipped.json", "train.npz", "notes.txt"):
         (tmp_path / name).write_text("x")
-    (tmp_path / demo.SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(settings)))
+    (tmp_path / demo.SETTINGS_FILE).write_text(json.dumps({**dataclasses.asdict(settings), "training": {"epochs": 3}}))
 
     assert demo.reuse_or_clear(tmp_path, settings, fresh=False) is True
     assert (tmp_path / "calc_output" / "orig").is_dir() and (tmp_path / "model.keras").exists()
