@@ -14,7 +14,8 @@ no download:
 4. ``prepare_data.py``, ``prepare_only_test.py`` and ``calculate.py`` run as a user
    would run them, each in its own process;
 5. the report: of the top harmful training images of every misclassified test
-   image, how many are planted label errors, against what a random pick finds.
+   image, how many are planted label errors, against what a random pick finds;
+   and, for contrast, how many sit among the top useful images.
 
 Everything goes under one directory (``--out``, default ``demo/``). Running the
 demo again with the same settings reuses the data and the model and lets
@@ -516,7 +517,8 @@ def run_script(script: str, args: Sequence[str]) -> float:
 
     Returns the wall time in seconds.
     """
-    shown = os.path.relpath(ROOT / script) if not os.path.relpath(ROOT / script).startswith("..") else str(ROOT / script)
+    relative = os.path.relpath(ROOT / script)
+    shown = str(ROOT / script) if relative.startswith("..") else relative  # as typed from here
     print(f"\n$ python {shown} {' '.join(args)}", flush=True)
     started = time.perf_counter()
     completed = subprocess.run([sys.executable, str(ROOT / script), *args])
@@ -628,7 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Reusing the digit folders and the model in {out_dir} (same settings; --fresh redoes them)")
         training = json.loads((out_dir / SETTINGS_FILE).read_text()).get("training", {})
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--out {out_dir}: cannot create it ({error.strerror})") from None
         print(f"Write the digit scans to {data_dir}/{{train,orig,noisy}}...", end=" ", flush=True)
         flipped_record = write_demo_data(out_dir, settings)
         _write_json(out_dir / FLIPPED_FILE, flipped_record)
