@@ -9,6 +9,7 @@ See the README section "prepare_data.py" for the folder layout, labels and the a
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from influence import cli
@@ -63,6 +64,8 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # A batch scheduler's SIGTERM cleans up like Ctrl-C: partial files go, previous archives stay.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from influence.prepare import prepare_data
 
     written = prepare_data(train=args.train, tests=args.test, out_dir=args.out_dir, image_size=args.image_size,

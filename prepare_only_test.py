@@ -9,6 +9,7 @@ when it exists. See the README section "prepare_only_test.py".
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from influence import cli
@@ -29,6 +30,8 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # A batch scheduler's SIGTERM cleans up like Ctrl-C: partial files go, previous archives stay.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from influence.prepare import prepare_only_test
 
     written = prepare_only_test(tests=args.test, out_dir=args.out_dir, image_size=args.image_size,

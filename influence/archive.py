@@ -101,10 +101,21 @@ class ArchiveWriter:
         self.partial = partial_path(self.path)
         self.kind = kind
         self.image_size = tuple(image_size)  # (H, W)
-        self._file = open(self.partial, "xb")
-        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._committed = False
         self.bytes_written = 0
+        try:
+            self._file = open(self.partial, "xb")  # "x": never take over another writer's file
+        except FileExistsError:
+            raise
+        except BaseException:
+            self.partial.unlink(missing_ok=True)  # Ctrl-C right after the file was created
+            raise
+        try:
+            self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        except BaseException:
+            self._file.close()
+            self.partial.unlink(missing_ok=True)
+            raise
 
     def _open_member(self, name: str):
         info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE)

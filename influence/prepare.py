@@ -262,15 +262,20 @@ def write_tests(writer: archive.TestWriter, tests: list[ImageFolder], *, names, 
 
 
 @contextlib.contextmanager
-def _writing(out_dir: Path) -> Iterator[contextlib.ExitStack]:
-    """Create ``out_dir`` and turn I/O failures while writing into one-line errors."""
+def _writing(out_dir: Path, names: list[str]) -> Iterator[contextlib.ExitStack]:
+    """Create ``out_dir``, turn I/O failures while writing into one-line errors, and make sure
+    that no partial file of ours survives a failure, whenever Ctrl-C lands."""
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             yield stack
-    except OSError as error:
-        where = f" {error.filename}" if error.filename else ""
-        raise UserError(f"cannot write{where} in {out_dir}: {error.strerror or error}") from None
+    except BaseException as failure:
+        for name in names:  # a no-op after commit(): the partial file has become the archive
+            archive.partial_path(Path(out_dir) / name).unlink(missing_ok=True)
+        if isinstance(failure, OSError):
+            where = f" {failure.filename}" if failure.filename else ""
+            raise UserError(f"cannot write{where} in {out_dir}: {failure.strerror or failure}") from None
+        raise
 
 
 def _create(writer: archive.ArchiveWriter) -> None:
@@ -306,7 +311,7 @@ def prepare_data(*, train, tests, out_dir=".", image_size=DEFAULT_IMAGE_SIZE, ba
     train_folder, classes = scan_train(Path(train))
     test_folders = [scan_test(path, name, classes) for path, name in zip(tests, names)]
 
-    with _writing(out_dir) as stack:
+    with _writing(out_dir, [TRAIN_ARCHIVE, TEST_ARCHIVE]) as stack:
         train_writer = stack.enter_context(archive.TrainWriter(out_dir / TRAIN_ARCHIVE, image_size=image_size))
         test_writer = stack.enter_context(archive.TestWriter(out_dir / TEST_ARCHIVE, image_size=image_size))
         train_meta = write_train(train_writer, train_folder, classes, batch_size=batch_size, seed=seed,
@@ -352,7 +357,7 @@ def prepare_only_test(*, tests, out_dir=".", image_size=None, strict=False, work
         folder = next(entry.folder for tf in test_folders for entry in tf.classes if entry.label == label)
         return resolve_without_train(folder, where=folder)[1]
 
-    with _writing(out_dir) as stack:
+    with _writing(out_dir, [TEST_ARCHIVE]) as stack:
         test_writer = stack.enter_context(archive.TestWriter(out_dir / TEST_ARCHIVE, image_size=image_size))
         test_meta = write_tests(test_writer, test_folders, names=class_name, strict=strict, workers=workers,
                                 train_archive=TRAIN_ARCHIVE if classes else None,

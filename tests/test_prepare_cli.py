@@ -167,3 +167,33 @@ def test_prepare_only_test_refuses_a_foreign_train_npz(folders):
     assert result.returncode == 2
     assert result.stderr.strip() == "prepare_only_test.py: error: train.npz is not an archive written by prepare_data.py"
     assert tree(folders) == before
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupt_leaves_previous_archives_and_no_partial_file(tmp_path, signal_name):
+    """Ctrl-C (or a scheduler's SIGTERM) as soon as the partial files exist: exit 130, the pool
+    stops, the partial files go, the archives of the previous run stay byte for byte."""
+    import signal
+    import time
+
+    make_class_folders(tmp_path / "train", {"a": 2, "b": 2}, size=(8, 8))
+    make_class_folders(tmp_path / "orig", {"0": 1}, size=(8, 8))
+    assert run_script("prepare_data.py", "-tr", "train", "-ts", "orig", "-o", "out", cwd=tmp_path).returncode == 0
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.npz", "test.npz")}
+    make_class_folders(tmp_path / "train", {"a": 800, "b": 700})  # long enough to be interrupted
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "prepare_data.py"), "-tr", "train", "-ts", "orig", "-o", "out",
+         "--image-size", "128", "--workers", "2"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "out").glob("*.partial-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(getattr(signal, signal_name))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("prepare_data.py: interrupted")
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path / "out")) == ["test.npz", "train.npz"]
+    for name, content in before.items():
+        assert (tmp_path / "out" / name).read_bytes() == content
