@@ -667,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "--top", str(settings.top), "--seed", str(settings.seed)],
         )
     except StepFailed as failure:
-        print(f"demo.py: {failure}; the demo stops here (run it again to resume)", file=sys.stderr)
+        print(f"demo.py: {failure}; the demo stops here (its output above says why)", file=sys.stderr)
         return 1
 
     train_ids = folder_ids(data_dir / "train")

@@ -327,3 +327,15 @@ def test_reduced_demo_runs_the_scripts_and_reports_what_the_scores_show(tmp_path
     assert "already complete" in again.stdout
     rerun = json.loads((out / "report.json").read_text())
     assert rerun["misclassified"] == report["misclassified"]
+
+
+def test_a_failing_script_stops_the_demo_with_its_status_and_no_report(tmp_path, monkeypatch, capsys):
+    scripts = tmp_path / "checkout"
+    scripts.mkdir()
+    (scripts / "prepare_data.py").write_text("import sys\nprint('cannot read that')\nsys.exit(3)\n")
+    monkeypatch.setattr(demo, "ROOT", scripts)
+    out = tmp_path / "out"
+    status = demo.main(["--out", str(out), "--train-per-class", "5", "--test-per-class", "1", "--epochs", "1"])
+    assert status == 1
+    assert "prepare_data.py exited with status 3" in capsys.readouterr().err
+    assert (out / "model.keras").exists() and not (out / "report.json").exists()
