@@ -21,7 +21,7 @@ _WNID = re.compile(r"n\d{8}")
 @functools.lru_cache(maxsize=1)
 def classes() -> tuple[tuple[str, str], ...]:
     """``((wnid, name), ...)``, index = label; checked to be the 1000 sorted, unique wnids."""
-    text = resources.files("influence").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
+    text = resources.files("influence").joinpath("data").joinpath(DATA_FILE).read_text(encoding="utf-8")
     rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
     table = tuple((wnid, name) for wnid, name in rows)
     wnids = [wnid for wnid, _ in table]

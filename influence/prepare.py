@@ -117,18 +117,40 @@ def check_test_folder_names(tests: list[Path]) -> list[str]:
     return names
 
 
-def scan_train(path: Path) -> tuple[ImageFolder, Classes]:
-    """The train folder's classes and files, with a ``Parse train`` progress bar."""
+def train_classes(path: Path) -> tuple[list[str], int, Classes]:
+    """(class folder names, other entries ignored, their labels) of the train folder."""
     check_folder(path, "train")
     names, ignored = class_folder_names(path, "train")
-    classes = Classes.from_folders(names)
+    return names, ignored, Classes.from_folders(names)
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, unit: str) -> Iterator[tqdm]:
+    """A progress bar on stderr that is erased if the work fails, so that an error is one line.
+
+    (Not ``for x in tqdm(...)``: that bar closes itself, and stays, before an error is handled.)
+    """
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+
+
+def scan_train(path: Path, names: list[str], ignored: int, classes: Classes) -> ImageFolder:
+    """The image files of every train class, with a ``Parse train`` progress bar."""
     entries = []
-    for name in tqdm(names, desc="Parse train", unit="class", file=sys.stderr):
-        files, n_ignored = image_files(Path(path) / name, name)
-        entries.append(ClassFolder(name, classes.folders[name], files, n_ignored))
-        ignored += n_ignored
+    with progress(len(names), "Parse train", "class") as bar:
+        for name in names:
+            files, n_ignored = image_files(Path(path) / name, name)
+            entries.append(ClassFolder(name, classes.folders[name], files, n_ignored))
+            ignored += n_ignored
+            bar.update()
     entries.sort(key=lambda entry: entry.label)
-    return ImageFolder(folder_name(path), Path(path), entries, ignored), classes
+    return ImageFolder(folder_name(path), Path(path), entries, ignored)
 
 
 def scan_test(path: Path, name: str, classes: Classes | None) -> ImageFolder:
@@ -191,7 +213,7 @@ def write_train(writer: archive.TrainWriter, train: ImageFolder, classes: Classe
     paths = (Path(train.path) / image_id for image_id in order)
     with contextlib.closing(decode_images(paths, image_size=(height, width),
                                           workers=_pool_size(workers, len(order)))) as decoded_images, \
-            tqdm(total=len(order), desc="Pack batches", unit="img", file=sys.stderr) as bar:
+            progress(len(order), "Pack batches", "img") as bar:
         for label, image_id, decoded in zip((int(label) for label in order_labels), order, decoded_images):
             bar.update()
             if label != batch_label:
@@ -238,7 +260,7 @@ def write_tests(writer: archive.TestWriter, tests: list[ImageFolder], *, names, 
             paths = (Path(folder.path) / image_id for _, image_id in items)
             with contextlib.closing(decode_images(paths, image_size=(height, width),
                                                   workers=_pool_size(workers, len(items)))) as decoded_images, \
-                    tqdm(total=len(items), desc=f"Parse {folder.name}", unit="img", file=sys.stderr) as bar:
+                    progress(len(items), f"Parse {folder.name}", "img") as bar:
                 for (label, image_id), decoded in zip(items, decoded_images):
                     bar.update()
                     if decoded.image is None:
@@ -311,8 +333,9 @@ def prepare_data(*, train, tests, out_dir=".", image_size=DEFAULT_IMAGE_SIZE, ba
     check_settings(batch_size=batch_size, workers=workers)
     names = check_test_folder_names(tests)
     check_out_dir(out_dir)
-    train_folder, classes = scan_train(Path(train))
+    class_names, ignored, classes = train_classes(Path(train))
     test_folders = [scan_test(path, name, classes) for path, name in zip(tests, names)]
+    train_folder = scan_train(Path(train), class_names, ignored, classes)
 
     with _writing(out_dir, [TRAIN_ARCHIVE, TEST_ARCHIVE]) as stack:
         train_writer = stack.enter_context(archive.TrainWriter(out_dir / TRAIN_ARCHIVE, image_size=image_size))

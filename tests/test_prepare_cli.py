@@ -17,8 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_script(script, *args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, timeout=120)
+    # Decoded by hand: text mode would turn the progress bars' carriage returns into newlines.
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
+
+
+def terminal_lines(text: str):
+    """The non-blank lines a terminal would show: each carriage return starts the line over."""
+    return [shown for line in text.split("\n") if (shown := line.split("\r")[-1].strip())]
 
 
 def tree(path: Path):
@@ -79,6 +87,7 @@ def make_bad_inputs(root: Path):
     make_class_folders(root / "train_hole", {"a": 1}, size=(8, 8))
     (root / "train_hole/b").mkdir()
     (root / "train_hole/b/readme.txt").write_text("no images here")
+    make_class_folders(root / "test_ab", {"0": 1, "b": 1}, size=(8, 8))
     make_class_folders(root / "test_unknown", {"1000": 1}, size=(8, 8))
     make_class_folders(root / "other/orig", {"0": 1}, size=(8, 8))
     (root / "a_file").write_text("x")
@@ -90,7 +99,7 @@ BAD_INPUTS = {
     "missing test folder": (["-tr", "train", "-ts", "orig", "nothere"], r"test folder nothere does not exist"),
     "empty train folder": (["-tr", "empty_train", "-ts", "orig"],
                            r"train folder empty_train has no class folders \(expected one sub-folder per class\)"),
-    "class folder without images": (["-tr", "train_hole", "-ts", "orig"],
+    "class folder without images": (["-tr", "train_hole", "-ts", "test_ab"],
                                     r"class folder train_hole/b has no images"),
     "batch size 0": (["-tr", "train", "-ts", "orig", "-bs", "0"], r"batch size 0 is invalid: it must be at least 1"),
     "batch size not a number": (["-tr", "train", "-ts", "orig", "-bs", "many"],
@@ -117,7 +126,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(folders, case):
     before = tree(folders)
     result = run_script("prepare_data.py", *args, cwd=folders)
     assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "Parse train" not in line]
+    lines = terminal_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("prepare_data.py: error: ")
     assert __import__("re").search(message, lines[0]), lines[0]
@@ -129,8 +138,9 @@ def test_strict_corrupt_file_is_exit_2_and_nothing_written(folders):
     before = tree(folders)
     result = run_script("prepare_data.py", "-tr", "train", "-ts", "orig", "--strict", "--workers", "1", cwd=folders)
     assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("prepare_data.py: error: cannot read image train/n01440764/broken.jpg: ")
+    *finished, error = terminal_lines(result.stderr)
+    assert finished == [line for line in finished if line.startswith("Parse train: 100%")]  # completed work only
+    assert error.startswith("prepare_data.py: error: cannot read image train/n01440764/broken.jpg: ")
     assert "Traceback" not in result.stderr and "warning" not in result.stderr
     assert tree(folders) == before
 
@@ -154,7 +164,7 @@ def test_prepare_only_test_bad_input(folders, args, message):
     before = tree(folders)
     result = run_script("prepare_only_test.py", *args, cwd=folders)
     assert result.returncode == 2 and result.stdout == ""
-    lines = result.stderr.strip().splitlines()
+    lines = terminal_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("prepare_only_test.py: error: ")
     assert __import__("re").search(message, lines[0]), lines[0]
     assert tree(folders) == before
