@@ -168,4 +168,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli.run(main, on_interrupt="finished test images are kept; run the same command again to resume"))

@@ -61,8 +61,14 @@ def quiet_tensorflow(verbose: bool = False) -> None:
         pass
 
 
-def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)`` and turn user errors into one line and exit status 2."""
+def run(
+    main: Callable[[Sequence[str] | None], int | None],
+    argv: Sequence[str] | None = None,
+    *,
+    on_interrupt: str = "nothing was written; the previous files are intact",
+) -> int:
+    """Call ``main(argv)``: user errors become one line and exit status 2, Ctrl-C or
+    SIGTERM one line (``on_interrupt`` says what became of the work) and exit status 130."""
     prog = os.path.basename(sys.argv[0]) or "influence"
     try:
         return main(argv) or 0
@@ -70,5 +76,5 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; {on_interrupt}", file=sys.stderr)
         return EXIT_INTERRUPTED
