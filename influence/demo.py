@@ -24,6 +24,7 @@ demo again with the same settings reuses the data and the model and lets
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -244,6 +245,24 @@ def build_classifier(image_size: int, *, l2: float = 1e-4):
     )
 
 
+@contextlib.contextmanager
+def _deterministic_ops(tf):
+    """TensorFlow's deterministic kernels while training, so that the README's report is
+    reproducible; switched off again afterwards for callers that share the process (the
+    tests), where this TensorFlow has the (non-public) switch for it."""
+    try:
+        from tensorflow.python.framework import config
+        was_enabled = config.is_op_determinism_enabled()
+    except (ImportError, AttributeError):
+        config, was_enabled = None, True  # cannot restore: leave it on
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            config.disable_op_determinism()
+
+
 def train_classifier(train_dir: Path, model_path: Path, *, epochs: int, seed: int) -> dict:
     """Train the CNN on the training folder as written (label errors included); save it.
 
@@ -257,16 +276,16 @@ def train_classifier(train_dir: Path, model_path: Path, *, epochs: int, seed: in
 
     from influence.outputs import atomic_path
 
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
     _, images, labels = read_folder_images(train_dir)  # (N, S, S, 3) uint8, (N,)
-    model = build_classifier(images.shape[1])
-    model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
-    )
-    history = model.fit(images / 255.0, labels, epochs=epochs, batch_size=64, shuffle=True, verbose=0)
+    with _deterministic_ops(tf):
+        keras.utils.set_random_seed(seed)
+        model = build_classifier(images.shape[1])
+        model.compile(
+            optimizer=keras.optimizers.Adam(3e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
+        history = model.fit(images / 255.0, labels, epochs=epochs, batch_size=64, shuffle=True, verbose=0)
     with atomic_path(model_path.with_suffix(".keras")) as temporary:
         # Keras insists on the .keras suffix, so save beside the temporary and move it in.
         staged = temporary.with_name(temporary.name + ".keras")
@@ -316,9 +335,8 @@ def ranked_ends(scores: dict, k: int) -> tuple[list[str], list[str]]:
 def read_results(calc_dir: Path, folder: str) -> list[dict]:
     """Every ``<label>/<n>.json`` under ``calc_dir/folder``, with its score table loaded."""
     results = []
-    for json_path in sorted((calc_dir / folder).glob("*/*.json")):
-        if not json_path.stem.isdigit():
-            continue
+    paths = [p for p in (calc_dir / folder).glob("*/*.json") if p.stem.isdigit() and p.parent.name.isdigit()]
+    for json_path in sorted(paths, key=lambda p: (int(p.parent.name), int(p.stem))):  # archive order
         record = json.loads(json_path.read_text())
         record["n"] = int(json_path.stem)
         record["json_path"] = str(json_path)
@@ -608,12 +626,14 @@ def settings_from(args) -> DemoSettings:
     from sklearn.datasets import load_digits
 
     # Before anything is written: are there enough scans of every digit?
-    split_scans(
+    train_index, _ = split_scans(
         load_digits().target,
         train_per_class=settings.train_per_class,
         test_per_class=settings.test_per_class,
         seed=settings.seed,
     )
+    if settings.top > len(train_index):
+        raise UserError(f"--top {settings.top}: more than the {len(train_index)} training images")
     return settings
 
 

@@ -110,6 +110,9 @@ def test_classifier_trains_deterministically_and_saves_a_regularised_softmax_mod
     demo.train_classifier(train_dir, tmp_path / "b.keras", epochs=15, seed=1)
     assert first["train_accuracy_on_given_labels"] > 0.8
 
+    from tensorflow.python.framework import config
+
+    assert not config.is_op_determinism_enabled()  # switched off again for the rest of the process
     model, twin = keras.models.load_model(tmp_path / "a.keras"), keras.models.load_model(tmp_path / "b.keras")
     for weights, twin_weights in zip(model.get_weights(), twin.get_weights()):
         np.testing.assert_array_equal(weights, twin_weights)
@@ -240,6 +243,7 @@ def test_rerun_reuses_matching_settings_and_clears_only_the_demos_files(tmp_path
         (["--flip-fraction", "1.5"], "--flip-fraction 1.5: must be between 0 and 1"),
         (["--train-per-class", "200"], "digit 0 has 178 scans"),
         (["--image-size", "4"], "--image-size 4: must be at least 8"),
+        (["--train-per-class", "2", "--top", "21"], "--top 21: more than the 20 training images"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2_and_write_nothing(tmp_path, option, message):
