@@ -552,17 +552,27 @@ def owned_paths(out_dir: Path) -> list[Path]:
 
 
 def reuse_or_clear(out_dir: Path, settings: DemoSettings, *, fresh: bool) -> bool:
-    """True when ``out_dir`` holds this demo's data and model for these settings.
+    """True when ``out_dir`` holds this demo's complete data and model for these settings.
 
     Otherwise the demo's own files there are removed, so that no result of other
-    settings (or of another model) is resumed by ``calculate.py``.
+    settings (or of another model) is resumed by ``calculate.py``. The settings file
+    marks a directory as the demo's: without it, nothing is deleted, and names the
+    demo would overwrite (someone's own ``train.npz``, say) make it refuse.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a directory")
     settings_path = out_dir / SETTINGS_FILE
-    recorded = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    if not settings_path.is_file():
+        taken = [path.name for path in owned_paths(out_dir) if path.exists()]
+        if taken:
+            raise UserError(
+                f"--out {out_dir} already holds {', '.join(taken)} but no {SETTINGS_FILE}, so the demo did not "
+                "write them; give another --out"
+            )
+        return False
+    recorded = json.loads(settings_path.read_text())
+    complete = recorded.pop("complete", False) and all((out_dir / name).exists() for name in (DATA_DIR, MODEL_FILE, FLIPPED_FILE))
     recorded.pop("training", None)  # what training reported, not a setting
-    complete = all((out_dir / name).exists() for name in (DATA_DIR, MODEL_FILE, FLIPPED_FILE))
     if not fresh and complete and recorded == asdict(settings):
         return True
     for path in owned_paths(out_dir):
@@ -654,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"--out {out_dir}: cannot create it ({error.strerror})") from None
+        # First, so that a run interrupted from here on is known as the demo's and redone.
+        _write_json(out_dir / SETTINGS_FILE, {**asdict(settings), "complete": False})
         print(f"Write the digit scans to {data_dir}/{{train,orig,noisy}}...", end=" ", flush=True)
         flipped_record = write_demo_data(out_dir, settings)
         _write_json(out_dir / FLIPPED_FILE, flipped_record)
@@ -663,8 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         training = train_classifier(data_dir / "train", out_dir / MODEL_FILE, epochs=settings.epochs, seed=settings.seed)
         print(f"finished: {training['parameters']} parameters, training accuracy "
               f"{training['train_accuracy_on_given_labels']:.3f} on the labels as given -> {out_dir / MODEL_FILE}")
-        # Written last: its presence says the data and the model above are complete.
-        _write_json(out_dir / SETTINGS_FILE, {**asdict(settings), "training": training})
+        _write_json(out_dir / SETTINGS_FILE, {**asdict(settings), "complete": True, "training": training})
     timings["data and model"] = time.perf_counter() - started
     flipped_record = json.loads((out_dir / FLIPPED_FILE).read_text())
 

@@ -220,20 +220,40 @@ def test_report_refuses_incomplete_or_label_only_results(tmp_path):
 # -- re-runs and bad input ----------------------------------------------------------------
 
 
+def fill_demo_dir(out: Path, settings: demo.DemoSettings | None, *, complete: bool = True) -> None:
+    """What a demo run leaves in ``out`` (placeholders), plus the user's own notes.txt."""
+    for name in ("data/train", "calc_output/orig"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+    for name in ("model.keras", "flipped.json", "train.npz", "notes.txt"):
+        (out / name).write_text("x")
+    if settings is not None:
+        recorded = {**dataclasses.asdict(settings), "complete": complete, "training": {"epochs": 3}}
+        (out / demo.SETTINGS_FILE).write_text(json.dumps(recorded))
+
+
 def test_rerun_reuses_matching_settings_and_clears_only_the_demos_files(tmp_path):
     settings = demo.DemoSettings(train_per_class=5, test_per_class=1)
-    for name in ("data/train", "calc_output/orig"):
-        (tmp_path / name).mkdir(parents=True)
-    for name in ("model.keras", "flipped.json", "train.npz", "notes.txt"):
-        (tmp_path / name).write_text("x")
-    (tmp_path / demo.SETTINGS_FILE).write_text(json.dumps({**dataclasses.asdict(settings), "training": {"epochs": 3}}))
+    assert demo.reuse_or_clear(tmp_path / "new", settings, fresh=False) is False
 
-    assert demo.reuse_or_clear(tmp_path, settings, fresh=False) is True
+    # Without the demo's settings file, these files are someone else's: refuse, delete nothing.
+    fill_demo_dir(tmp_path, None)
+    with pytest.raises(UserError, match="already holds data, model.keras, flipped.json, calc_output, train.npz"):
+        demo.reuse_or_clear(tmp_path, settings, fresh=False)
+    assert (tmp_path / "train.npz").exists() and (tmp_path / "calc_output" / "orig").is_dir()
+
+    fill_demo_dir(tmp_path, settings)
+    assert demo.reuse_or_clear(tmp_path, settings, fresh=False) is True  # calculate.py resumes in calc_output
     assert (tmp_path / "calc_output" / "orig").is_dir() and (tmp_path / "model.keras").exists()
 
-    changed = demo.DemoSettings(train_per_class=6, test_per_class=1)
-    assert demo.reuse_or_clear(tmp_path, changed, fresh=False) is False
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the user's own file stays
+    left = ["notes.txt"]  # after a clear, only the user's own file stays
+    assert demo.reuse_or_clear(tmp_path, demo.DemoSettings(train_per_class=6, test_per_class=1), fresh=False) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    fill_demo_dir(tmp_path, settings)
+    assert demo.reuse_or_clear(tmp_path, settings, fresh=True) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    fill_demo_dir(tmp_path, settings, complete=False)  # interrupted before the model was saved
+    assert demo.reuse_or_clear(tmp_path, settings, fresh=False) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
 
 
 @pytest.mark.parametrize(
