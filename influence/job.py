@@ -330,7 +330,7 @@ def calculate(
         label_subset = None
         for item in todo:
             files = item_files(output_dir, item, settings.save_format)
-            if label_subset is None or label_subset.key != (item.folder, item.label):
+            if label_subset is None or label_subset.key != _subset_key(item, settings):
                 label_subset = _load_label_subset(train, item, settings, echo)
             echo(f"Test image #{item.number} in process")
             outputs.remove_stale_temporaries(files.directory)
@@ -410,25 +410,33 @@ def _prepare_engine(train, loaded, settings: Settings, echo) -> EngineContext:
 
 @dataclass
 class LabelSubset:
-    key: tuple[str, int]
+    key: tuple
     indices: np.ndarray  # (k,) global training indices
     images: np.ndarray | None  # (k, H, W, 3) uint8; None with all_labels (streamed instead)
 
 
+def _subset_key(item: WorkItem, settings: Settings) -> tuple:
+    return ("all",) if settings.all_labels else (item.folder, item.label)
+
+
 def _load_label_subset(train, item: WorkItem, settings: Settings, echo) -> LabelSubset:
-    """The training images scored for this label, read once for all its test images."""
-    echo(f"Create label subset for {item.label} class...", end="")
+    """The training images scored for this label, read once for all its test images
+    (one ImageNet class is about 1,300 images, 195 MB as uint8). With ``all_labels``
+    the whole set, streamed batch by batch for every test image."""
+    key = _subset_key(item, settings)
     if settings.all_labels:
-        subset = LabelSubset((item.folder, item.label), np.arange(len(train)), None)
+        echo(f"Create label subset for all {len(train.class_names)} classes...", end="")
+        subset = LabelSubset(key, np.arange(len(train)), None)
     else:
-        indices = np.asarray(train.label_indices(item.label))
-        subset = LabelSubset((item.folder, item.label), indices, train.read(indices))
+        echo(f"Create label subset for {item.label} class...", end="")
+        indices = train.label_indices(item.label)
+        subset = LabelSubset(key, indices, train.read(indices))
     echo(" finished")
     return subset
 
 
 def _score_batches(train, subset: LabelSubset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(indices, images) batches covering the subset."""
+    """(indices, images) batches covering the subset, in its order."""
     if subset.images is None:
         yield from train.iter_all(batch_size)
         return
@@ -436,7 +444,27 @@ def _score_batches(train, subset: LabelSubset, batch_size: int) -> Iterator[tupl
         yield subset.indices[start : start + batch_size], subset.images[start : start + batch_size]
 
 
-def _compute_item(*, item, files, test_set, train, label_subset, context, loaded, settings, fingerprint, names, echo):
+@dataclass
+class Explanation:
+    """One test image's influence scores and what produced them."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    predicted: int
+    test_loss: float
+    indices: np.ndarray  # (k,) global training indices scored
+    scores: np.ndarray  # (k,) float64, aligned with indices
+    lissa: object  # ihvp.LissaResult
+    timings: dict
+
+    def ranked(self, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions into ``indices`` of the ``top`` most harmful (most negative first)
+        and most useful (most positive first) training images."""
+        order = np.argsort(self.scores, kind="stable")
+        return order[:top], order[::-1][:top]
+
+
+def _explain(*, item, test_set, train, label_subset, context, loaded, settings) -> Explanation:
+    """Test gradient, s_test by LiSSA, and the scores of the label subset's training images."""
     from influence import hvp, ihvp, losses, scores
 
     timings = {}
@@ -445,17 +473,15 @@ def _compute_item(*, item, files, test_set, train, label_subset, context, loaded
     y_test = np.array([item.label])
 
     began = time.perf_counter()
-    probabilities_or_logits = loaded.model(x_test, training=False)
-    predicted = int(np.argmax(probabilities_or_logits[0]))
+    predicted = int(np.argmax(loaded.model(x_test, training=False)[0]))
     test_loss = float(losses.per_example_loss(loaded.model)(x_test, y_test)[0])
     v = hvp.loss_gradient(loaded.model, context.variables, x_test, y_test)
     timings["test_gradient_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
     context.minibatches.reseed(*item_seed(settings.seed, item))
-    steps = settings.depth * settings.repeat
-    with EstimateBar(total=steps, desc="IHVP calculation") as bar:
-        result = ihvp.lissa(
+    with EstimateBar(total=settings.depth * settings.repeat, desc="IHVP calculation") as bar:
+        lissa = ihvp.lissa(
             context.hvp_fn,
             v,
             depth=settings.depth,
@@ -467,55 +493,58 @@ def _compute_item(*, item, files, test_set, train, label_subset, context, loaded
     timings["lissa_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    all_scores = np.empty(len(label_subset.indices), dtype=np.float64)
-    position = {int(i): p for p, i in enumerate(label_subset.indices)} if label_subset.images is not None else None
-    total = len(label_subset.indices)
-    with progress_bar(total=total, desc="Batch influences", unit="img") as bar:
+    scored_indices, scored = [], []
+    with progress_bar(total=len(label_subset.indices), desc="Batch influences", unit="img") as bar:
         for indices, images in _score_batches(train, label_subset, settings.score_batch_size):
             batch_scores = scores.influence_scores(
-                loaded.model, context.variables, result.s_test, loaded.preprocess(images), np.asarray(train.labels)[indices]
+                loaded.model, context.variables, lissa.s_test, loaded.preprocess(images), train.labels[indices]
             )
-            where = indices if position is None else [position[int(i)] for i in indices]
-            all_scores[where] = np.asarray(batch_scores, dtype=np.float64)
+            scored_indices.append(indices)
+            scored.append(np.asarray(batch_scores, dtype=np.float64))
             bar.update(len(indices))
+    all_scores = np.concatenate(scored)
     if not np.all(np.isfinite(all_scores)):
         raise UserError(
             f"non-finite influence scores for {item.folder}/{item.label} test image #{item.number}; "
             f"LiSSA did not converge: raise --scale or --damping"
         )
     timings["scoring_s"] = time.perf_counter() - began
+    return Explanation(image, predicted, test_loss, np.concatenate(scored_indices), all_scores, lissa, timings)
 
-    ids = np.asarray(train.ids)[label_subset.indices]
-    train_labels = np.asarray(train.labels)[label_subset.indices]
-    order = np.argsort(all_scores, kind="stable")
-    top = min(settings.top, len(order))
-    harmful_rows = order[:top]  # most negative first
-    useful_rows = order[::-1][:top]  # most positive first
 
-    def rows(selected):
-        return [
-            {"id": str(ids[r]), "label": int(train_labels[r]), "score": float(all_scores[r])} for r in selected
-        ]
-
-    began = time.perf_counter()
-    test_id = str(test_set.ids[item.row])
-    label_name, predicted_name = class_name(names, item.label), class_name(names, predicted)
-    test_title = (
-        f"{item.folder}/{test_id}\nlabel {item.label}" + (f" ({label_name})" if label_name else "")
-        + f"\npredicted {predicted}" + (f" ({predicted_name})" if predicted_name else "")
+def _compute_item(*, item, files, test_set, train, label_subset, context, loaded, settings, fingerprint, names, echo):
+    explanation = _explain(
+        item=item, test_set=test_set, train=train, label_subset=label_subset,
+        context=context, loaded=loaded, settings=settings,
     )
-    for kind, selected, path in (("harmful", harmful_rows, files.harmful), ("useful", useful_rows, files.useful)):
-        panels = [
-            Panel(train.read(label_subset.indices[r : r + 1])[0], f"{all_scores[r]:+.3g}\n{ids[r]}") for r in selected
-        ]
+    began = time.perf_counter()
+    ids = train.ids[explanation.indices]
+    train_labels = train.labels[explanation.indices]
+    harmful, useful = explanation.ranked(settings.top)
+    top = len(harmful)
+
+    test_id = str(test_set.ids[item.row])
+    label_name, predicted_name = class_name(names, item.label), class_name(names, explanation.predicted)
+    test_panel = Panel(
+        explanation.image,
+        f"{item.folder}/{test_id}\nlabel {item.label}" + (f" ({label_name})" if label_name else "")
+        + f"\npredicted {explanation.predicted}" + (f" ({predicted_name})" if predicted_name else ""),
+    )
+    for kind, rows, path in (("harmful", harmful, files.harmful), ("useful", useful, files.useful)):
         plot_influence_row(
             path,
             heading=f"Top {top} {kind} training images for {item.folder} label {item.label}, test image #{item.number}",
-            test=Panel(image, test_title),
-            train=panels,
+            test=test_panel,
+            train=[
+                Panel(train.read(explanation.indices[r : r + 1])[0], f"{explanation.scores[r]:+.3g}\n{ids[r]}")
+                for r in rows
+            ],
         )
-    outputs.write_pickled_dict(files.scores, {str(i): float(s) for i, s in zip(ids, all_scores)})
-    timings["writing_s"] = time.perf_counter() - began
+    outputs.write_pickled_dict(files.scores, {str(i): float(s) for i, s in zip(ids, explanation.scores)})
+    explanation.timings["writing_s"] = time.perf_counter() - began
+
+    def table(rows):
+        return [{"id": str(ids[r]), "label": int(train_labels[r]), "score": float(explanation.scores[r])} for r in rows]
 
     record = {
         "record_version": RECORD_VERSION,
@@ -524,19 +553,19 @@ def _compute_item(*, item, files, test_set, train, label_subset, context, loaded
         "label": item.label,
         "label_name": label_name,
         "number": item.number,
-        "predicted": predicted,
+        "predicted": explanation.predicted,
         "predicted_name": predicted_name,
-        "test_loss": test_loss,
+        "test_loss": explanation.test_loss,
         "n_train": len(train),
-        "n_scored": int(total),
-        "harmful": rows(harmful_rows),
-        "useful": rows(useful_rows),
+        "n_scored": len(explanation.indices),
+        "harmful": table(harmful),
+        "useful": table(useful),
         "sign_convention": "score = s_test . grad L(z); positive: removing z would raise the test loss (useful); "
         "negative: harmful; score / n_train predicts the leave-one-out change in test loss",
         "settings": {
             **dataclasses.asdict(settings),
             "scale_used": context.scale,
-            "effective_damping": settings.damping * context.scale,
+            "effective_damping": explanation.lissa.effective_damping,
             "hvp_form": context.hvp_form,
             "parameters": int(sum(int(np.prod(v.shape)) for v in context.variables)),
             "model": loaded.description,
@@ -545,12 +574,12 @@ def _compute_item(*, item, files, test_set, train, label_subset, context, loaded
             "preprocess": loaded.preprocess_name,
             "fingerprint": fingerprint,
         },
-        "lissa_norms": np.asarray(result.norms).tolist(),
-        "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
+        "lissa_norms": np.asarray(explanation.lissa.norms).tolist(),
+        "timings": {name: round(seconds, 4) for name, seconds in explanation.timings.items()},
         "versions": versions(),
         "files": [path.name for path in files.results],
     }
-    outputs.write_json(files.record, record)
+    outputs.write_json(files.record, record)  # last: its presence marks the item complete
     echo(f"Top {top} harmful -> {files.harmful}")
     echo(f"Top {top} useful -> {files.useful}")
     echo(f"All influences dict -> {files.scores}")

@@ -301,3 +301,21 @@ def test_unreadable_vgg16_weights_fail_fast(bad_inputs):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "broken.h5" in result.stderr
     assert not output_dir.exists()
+
+
+def test_all_labels_scores_the_whole_training_set(workspace, full_run):
+    from influence import archive
+
+    output_dir, _ = full_run
+    everything = workspace / "all_labels"
+    result = calculate(workspace, everything, "--all-labels", "--folders", "noisy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Create label subset for all 3 classes... finished") == 1
+    scores = np.load(everything / "noisy" / "2" / "1.npy", allow_pickle=True).item()
+    with archive.open_train(workspace / "train.npz") as train:
+        assert set(scores) == set(train.ids)
+        own_label = set(np.asarray(train.ids)[train.label_indices(2)])
+    # The same s_test: the label's own images score as in the per-label run.
+    per_label = load_scores(output_dir)[("noisy", 2, 1)]
+    for key in own_label:
+        assert scores[key] == pytest.approx(per_label[key], rel=1e-5, abs=1e-8)
