@@ -190,17 +190,24 @@ def test_interrupt_leaves_previous_archives_and_no_partial_file(tmp_path, signal
     make_class_folders(tmp_path / "orig", {"0": 1}, size=(8, 8))
     assert run_script("prepare_data.py", "-tr", "train", "-ts", "orig", "-o", "out", cwd=tmp_path).returncode == 0
     before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.npz", "test.npz")}
-    make_class_folders(tmp_path / "train", {"a": 800, "b": 700})  # long enough to be interrupted
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "prepare_data.py"), "-tr", "train", "-ts", "orig", "-o", "out",
-         "--image-size", "128", "--workers", "2"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    deadline = time.monotonic() + 60
-    while not list((tmp_path / "out").glob("*.partial-*")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(getattr(signal, signal_name))
-    _, err = process.communicate(timeout=60)
+    # The signal must land while the archives are being written; on a loaded machine a
+    # small run can finish first, so a run that completed is retried with more images.
+    for per_class in (750, 1500, 3000, 6000):
+        make_class_folders(tmp_path / "train", {"a": per_class, "b": per_class})
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "prepare_data.py"), "-tr", "train", "-ts", "orig", "-o", "out",
+             "--image-size", "128", "--workers", "2"],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while (not list((tmp_path / "out").glob("*.partial-*")) and process.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        process.send_signal(getattr(signal, signal_name))
+        _, err = process.communicate(timeout=60)
+        if process.returncode != 0:
+            break
+        before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.npz", "test.npz")}
     assert process.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("prepare_data.py: interrupted")
     assert "Traceback" not in err
