@@ -134,13 +134,19 @@ _BUILDERS = {FORWARD_OVER_BACKWARD: _build_forward_over_backward,
              SUMMED_GRADIENT: _build_summed_gradient}
 
 
-def batch_hvp(model: keras.Model, variables, *, form: str = "auto") -> Callable:
-    """Compiled ``f(x, y, vec) -> H_B vec`` on the given batch (lists of tensors in and out)."""
+def resolve_form(form: str) -> str:
+    """The product form that ``form`` (possibly ``"auto"``) stands for."""
     if form == "auto":
-        form = AUTO_FORM
+        return AUTO_FORM
     if form not in _BUILDERS:
         raise UserError(f"unknown Hessian-vector product form {form!r}; "
                         f"valid: auto, {', '.join(FORMS)}")
+    return form
+
+
+def batch_hvp(model: keras.Model, variables, *, form: str = "auto") -> Callable:
+    """Compiled ``f(x, y, vec) -> H_B vec`` on the given batch (lists of tensors in and out)."""
+    form = resolve_form(form)
     return compiled(model, variables, f"hvp/{form}", _BUILDERS[form])
 
 
@@ -157,8 +163,10 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
     ``batches``: an iterator (or a callable returning the next) of ``(x, y)`` training
     minibatches, drawn at random from the whole training set (see :func:`minibatches`).
     ``vec`` and the result are lists of tensors shaped like ``variables``.
-    ``form``: ``"forward_over_backward"``, ``"summed_gradient"`` or ``"auto"``.
+    ``form``: ``"forward_over_backward"``, ``"summed_gradient"`` or ``"auto"``; the form
+    actually used is ``hvp_fn.form``.
     """
+    form = resolve_form(form)
     product = batch_hvp(model, variables, form=form)
     next_batch = _next_batch_source(batches)
     dtypes = [variable.dtype for variable in tf_variables(variables)]
@@ -172,6 +180,7 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
         vec = [tf.cast(part, dtype) for part, dtype in zip(vec, dtypes)]
         return product(x, y, vec)
 
+    hvp_fn.form = form
     return hvp_fn
 
 
