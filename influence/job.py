@@ -288,11 +288,12 @@ def calculate(
                 f"prepare both at the same --image-size"
             )
         items = select_shard(plan_work(test, folders=folders, labels=labels), shard_index, shard_count)
+        names = _class_names(train, test)
         if not settings.all_labels:
             for label in sorted({item.label for item in items}):
                 if len(train.label_indices(label)) == 0:
                     raise UserError(
-                        f"no training images with label {label} ({class_name(train.class_names, label) or 'unnamed'}) "
+                        f"no training images with label {label} ({class_name(names, label) or 'unnamed'}) "
                         f"in {train_path}; score the whole training set with --all-labels, or leave it out with --labels"
                     )
         check_writable(output_dir)
@@ -326,7 +327,8 @@ def calculate(
         if todo:
             context = _prepare_engine(train, loaded, settings, echo)
             summary.scale = context.scale
-        names = _class_names(train, loaded)
+        if loaded.is_imagenet:
+            names = {**_imagenet_names(), **names}
         label_subset = None
         for item in todo:
             files = item_files(output_dir, item, settings.save_format)
@@ -360,13 +362,17 @@ def _size(size) -> str:
     return f"{width}x{height}"
 
 
-def _class_names(train: archive.TrainArchive, loaded) -> dict[int, str]:
-    names = dict(train.class_names)
-    if loaded.is_imagenet:
-        from influence import imagenet
+def _imagenet_names() -> dict[int, str]:
+    from influence import imagenet
 
-        for label, (_, name) in enumerate(imagenet.classes()):
-            names.setdefault(label, name)
+    return {label: name for label, (_, name) in enumerate(imagenet.classes())}
+
+
+def _class_names(train: archive.TrainArchive, test: archive.TestArchive) -> dict[int, str]:
+    """Label -> class name, for the labels of both archives (all 1000 with ImageNet labelling)."""
+    names = _imagenet_names() if train.meta.get("labeling") == "imagenet" else {}
+    names.update(test.class_names)
+    names.update(train.class_names)
     return names
 
 

@@ -319,3 +319,22 @@ def test_all_labels_scores_the_whole_training_set(workspace, full_run):
     per_label = load_scores(output_dir)[("noisy", 2, 1)]
     for key in own_label:
         assert scores[key] == pytest.approx(per_label[key], rel=1e-5, abs=1e-8)
+
+
+def test_test_label_without_training_images_is_refused(tmp_path, workspace):
+    # ImageNet labelling accepts any of the 1000 classes in a test folder; label 5 has no
+    # training images here, so there is nothing to score for it.
+    make_class_folders(tmp_path / "train", {"n01440764": 2, "n01443537": 2}, size=(SIZE, SIZE))
+    make_class_folders(tmp_path / "orig", {"5": 1}, size=(SIZE, SIZE), class_indices={"5": 0})
+    prepared = run_script("prepare_data.py", "-tr", tmp_path / "train", "-ts", tmp_path / "orig",
+                          "-o", tmp_path, "--image-size", str(SIZE))
+    assert prepared.returncode == 0, prepared.stderr
+    result = run_script(
+        "calculate.py", "--train", tmp_path / "train.npz", "--test", tmp_path / "test.npz",
+        "--model", workspace / "model.keras", "--output-dir", tmp_path / "out",
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no training images with label 5 (electric_ray)" in lines[0]
+    assert "--all-labels" in lines[0]
+    assert not (tmp_path / "out").exists()
