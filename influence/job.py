@@ -310,7 +310,7 @@ def calculate(
             )
         fingerprint = {
             **fingerprint_without_model,
-            "model_sha256": loaded.sha256,
+            "model_sha256": sorted(loaded.files.values()),  # the model file and any weights file
             "preprocess": loaded.preprocess_name,
         }
         if not overwrite:
