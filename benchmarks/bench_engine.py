@@ -39,7 +39,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from influence import hvp, ihvp, params, scores  # noqa: E402
+from influence import hvp, ihvp, losses, params, scores  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -157,6 +157,25 @@ def old_method_scores_eager(model, variables, s_test):
     return run
 
 
+def same_batch_reverse_mode(model, variables, s_test, x, y) -> np.ndarray:
+    """Reference scores: per-image gradients by reverse mode, each taken inside the whole batch.
+
+    Convolutions round differently for a batch of 8 and a batch of 1, and at a ReLU or
+    max-pool near-tie that can flip which unit is active: the per-image methods then see a
+    slightly different network than any batched one. This reference sees the same one.
+    """
+    watched = hvp.tf_variables(variables)
+    loss_fn = losses.per_example_loss(model)
+    result = []
+    for index in range(len(y)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(loss_fn(x, y) * tf.one_hot(index, len(y)))
+        gradient = tape.gradient(loss, watched)
+        result.append(sum(float(tf.reduce_sum(tf.cast(g, tf.float64) * tf.cast(s, tf.float64)))
+                          for g, s in zip(gradient, s_test)))
+    return np.array(result)
+
+
 OLD = "old, compiled"
 OLD_EAGER = "old, eager + NumPy"
 MODELS = {
@@ -190,6 +209,11 @@ def candidates(key: str, *, batch: int, hvp_batch: int, check: bool = False) -> 
     for label, variables in selections.items():
         batched = lambda v=variables, s=s_tests[label]: scores.influence_scores(model, v, s, x, y)  # noqa: E731
         scoring[f"scores, batched forward-mode, {label}"] = batched
+        if check:
+            reference = same_batch_reverse_mode(model, variables, s_tests[label], x, y)
+            gap = np.abs(reference - batched()) / np.max(np.abs(reference))
+            print(f"  {label}: |batched - reverse-mode in the same batch| / max|score|: "
+                  f"max {np.max(gap):.1e}", flush=True)
         for kind, build in ((OLD, old_method_scores), (OLD_EAGER, old_method_scores_eager)):
             old = build(model, variables, s_tests[label])
             scoring[f"scores, {kind}, {label}"] = lambda old=old: old(x, y)
@@ -266,7 +290,12 @@ def cpu_name() -> str:
 
 
 def _lifetime_peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's peak RSS so far (VmHWM: unlike ru_maxrss, not inherited across fork/exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _ms(seconds: float) -> str:
