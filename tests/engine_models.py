@@ -11,10 +11,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-# One tolerance for float32 comparisons against float32 references.
-RTOL32 = 2e-5
-
-
 def mlp(*, softmax: bool, regularise: float = 0.0, inputs: int = 5, hidden: int = 6,
         classes: int = 3, seed: int = 0) -> keras.Model:
     """Dense-tanh-Dense classifier, ``inputs*hidden + hidden + hidden*classes + classes`` weights."""
