@@ -60,9 +60,12 @@ class Settings:
     save_format: str = "png"
 
     def fingerprint(self) -> dict:
-        """The settings that change the scores (format and top-k only change the files)."""
+        """The settings that change the scores (format and top-k only change the files).
+
+        The scoring batch size is included: float32 rounding differs between batch sizes,
+        which can move a score near a ReLU or max-pool tie by a visible amount."""
         fields = dataclasses.asdict(self)
-        for presentation_only in ("save_format", "top", "score_batch_size"):
+        for presentation_only in ("save_format", "top"):
             fields.pop(presentation_only)
         fields["layers"] = list(self.layers) if self.layers else None
         return fields

@@ -76,7 +76,8 @@ def test_parse_shard_rejects(text):
 
 def test_settings_fingerprint_ignores_presentation_only():
     base = job.Settings()
-    assert base.fingerprint() == job.Settings(save_format="pdf", top=3, score_batch_size=7).fingerprint()
+    assert base.fingerprint() == job.Settings(save_format="pdf", top=3).fingerprint()
+    assert base.fingerprint() != job.Settings(score_batch_size=7).fingerprint()
     assert base.fingerprint() != job.Settings(depth=5).fingerprint()
     assert base.fingerprint() != job.Settings(all_labels=True).fingerprint()
 
