@@ -177,30 +177,35 @@ def read_record(files: ItemFiles) -> dict | None:
         return None
 
 
-def is_complete(files: ItemFiles, fingerprint: dict) -> bool:
-    """Record written (it is written last), same settings, every result file present."""
-    record = read_record(files)
-    return (
-        record is not None
-        and record.get("settings", {}).get("fingerprint") == fingerprint
-        and all(path.is_file() and path.stat().st_size > 0 for path in files.results)
-    )
+def pending_items(
+    output_dir: Path, items: list[WorkItem], settings: Settings, fingerprint: dict, *, overwrite: bool = False
+) -> list[WorkItem]:
+    """The items still to compute, reading each item's record once.
 
-
-def check_previous_results(output_dir: Path, items: list[WorkItem], settings: Settings, fingerprint: dict) -> None:
-    """Refuse to mix results of different settings in one output tree (unless --overwrite)."""
+    An item is complete when its record (written last) and every result file are present.
+    A record of other settings is refused (unless ``overwrite``): one output tree never
+    mixes results of different settings.
+    """
+    if overwrite:
+        return list(items)
+    pending = []
     for item in items:
-        record = read_record(item_files(output_dir, item, settings.save_format))
+        files = item_files(output_dir, item, settings.save_format)
+        record = read_record(files)
         if record is None:
+            pending.append(item)
             continue
-        previous = record.get("settings", {}).get("fingerprint")
+        previous = record.get("settings", {}).get("fingerprint") or {}
         if previous != fingerprint:
-            changed = sorted(k for k in set(fingerprint) | set(previous or {}) if (previous or {}).get(k) != fingerprint.get(k))
+            changed = sorted(k for k in set(fingerprint) | set(previous) if previous.get(k) != fingerprint.get(k))
             raise UserError(
                 f"{output_dir} already holds results computed with other settings ({', '.join(changed)} differ, "
                 f"e.g. {item.folder}/{item.label}/{item.number}.json); pass --overwrite to replace them "
                 f"or --output-dir for a new tree"
             )
+        if not all(path.is_file() and path.stat().st_size > 0 for path in files.results):
+            pending.append(item)
+    return pending
 
 
 def check_writable(output_dir: Path) -> None:
@@ -300,7 +305,6 @@ def calculate(
                         f"in {train_path}; score the whole training set with --all-labels, or leave it out with --labels"
                     )
         check_writable(output_dir)
-        fingerprint_without_model = settings.fingerprint()
 
         from influence import models  # TensorFlow is imported from here on
 
@@ -312,18 +316,11 @@ def calculate(
                 f"label {highest} is out of range for {loaded.description}, which has {loaded.num_classes} outputs"
             )
         fingerprint = {
-            **fingerprint_without_model,
+            **settings.fingerprint(),
             "model_sha256": sorted(loaded.files.values()),  # the model file and any weights file
             "preprocess": loaded.preprocess_name,
         }
-        if not overwrite:
-            check_previous_results(output_dir, items, settings, fingerprint)
-
-        todo = [
-            item
-            for item in items
-            if overwrite or not is_complete(item_files(output_dir, item, settings.save_format), fingerprint)
-        ]
+        todo = pending_items(output_dir, items, settings, fingerprint, overwrite=overwrite)
         summary = Summary(planned=len(items), skipped=len(items) - len(todo), output_dir=output_dir)
         if summary.skipped:
             echo(f"{summary.skipped} of {len(items)} test images already complete in {output_dir}; skipping them")

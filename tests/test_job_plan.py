@@ -95,23 +95,26 @@ def _complete_item(tmp_path, fingerprint):
 def test_item_complete_only_with_record_settings_and_every_file(tmp_path):
     fingerprint = job.Settings().fingerprint()
     files = _complete_item(tmp_path, fingerprint)
+    item = job.WorkItem("orig", 2, 1, 1)
     assert files.directory == tmp_path / "orig" / "2"
     assert [p.name for p in files.results] == ["harmful_1.png", "useful_1.png", "1.npy"]
-    assert job.is_complete(files, fingerprint)
-    assert not job.is_complete(files, job.Settings(depth=3).fingerprint())
+    assert job.pending_items(tmp_path, [item], job.Settings(), fingerprint) == []
+    assert job.pending_items(tmp_path, [item], job.Settings(), fingerprint, overwrite=True) == [item]
     files.useful.unlink()
-    assert not job.is_complete(files, fingerprint)
+    assert job.pending_items(tmp_path, [item], job.Settings(), fingerprint) == [item]
     files.useful.write_bytes(b"x")
     files.record.write_text('{"settings": {"finger')  # torn write by a foreign tool
-    assert not job.is_complete(files, fingerprint)
+    assert job.pending_items(tmp_path, [item], job.Settings(), fingerprint) == [item]
 
 
 def test_previous_results_with_other_settings_are_refused(tmp_path):
     _complete_item(tmp_path, job.Settings(depth=3).fingerprint())
     items = job.plan_work(ARCHIVE)
     with pytest.raises(UserError, match=r"other settings \(depth differ"):
-        job.check_previous_results(tmp_path, items, job.Settings(), job.Settings().fingerprint())
-    job.check_previous_results(tmp_path, items, job.Settings(depth=3), job.Settings(depth=3).fingerprint())
+        job.pending_items(tmp_path, items, job.Settings(), job.Settings().fingerprint())
+    assert len(job.pending_items(tmp_path, items, job.Settings(), job.Settings().fingerprint(), overwrite=True)) == 8
+    pending = job.pending_items(tmp_path, items, job.Settings(depth=3), job.Settings(depth=3).fingerprint())
+    assert job.WorkItem("orig", 2, 1, 1) not in pending and len(pending) == len(items) - 1
 
 
 def test_unwritable_output_dir_is_refused(tmp_path):
