@@ -10,7 +10,6 @@ See the README for the sign convention and how to pick depth, scale and damping.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -28,13 +27,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
+def damping_value(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1) (LiSSA shrinks by 1 - damping each step)")
     return value
 
 
@@ -70,7 +69,7 @@ def build_parser() -> cli.ArgumentParser:
         "--score-batch-size", type=positive_int, default=32, help="training images per scoring pass (default 32)"
     )
     lissa.add_argument(
-        "--damping", type=non_negative_float, default=0.01,
+        "--damping", type=damping_value, default=0.01,
         help="LiSSA damping (default 0.01); the Hessian inverted is H + damping*scale*I",
     )
     lissa.add_argument(
@@ -85,7 +84,7 @@ def build_parser() -> cli.ArgumentParser:
     lissa.add_argument(
         "--last-layers", type=positive_int, default=None, metavar="K", help="only the last K layers with weights"
     )
-    lissa.add_argument("--seed", type=int, default=0, help="seed of the random minibatches (default 0)")
+    lissa.add_argument("--seed", type=cli.whole_number, default=0, help="seed of the random minibatches (default 0)")
     lissa.add_argument(
         "--all-labels", action="store_true",
         help="score the whole training set, not only the training images of the test image's label",
@@ -130,9 +129,6 @@ def main(argv=None) -> int:
     cli.quiet_tensorflow(args.verbose)
     if args.layers is not None and args.last_layers is not None:
         raise UserError("--layers and --last-layers choose the parameters two ways; give one of them")
-    # A batch scheduler's SIGTERM unwinds like Ctrl-C, so no half-written file is left behind.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-
     from influence import job
 
     job.parse_shard(args.shard)  # a bad --shard fails before the archives are opened

@@ -9,11 +9,9 @@ when it exists. See the README section "prepare_only_test.py".
 
 from __future__ import annotations
 
-import signal
 import sys
 
 from influence import cli
-from prepare_data import add_common_arguments, image_size
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -21,17 +19,16 @@ def build_parser() -> cli.ArgumentParser:
         prog="prepare_only_test.py",
         description="Rewrite test.npz from test folders, leaving train.npz as it is.",
         epilog="Example: python prepare_only_test.py -ts orig wb texture styled",
+        allow_abbrev=False,
     )
-    add_common_arguments(parser)
-    parser.add_argument("--image-size", type=image_size, default=None, metavar="N|WxH",
+    cli.add_prepare_arguments(parser)
+    parser.add_argument("--image-size", type=cli.image_size, default=None, metavar="N|WxH",
                         help="resize every image to N x N or W x H (default: train.npz's size, else 224)")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # A batch scheduler's SIGTERM cleans up like Ctrl-C: partial files go, previous archives stay.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from influence.prepare import prepare_only_test
 
     written = prepare_only_test(tests=args.test, out_dir=args.out_dir, image_size=args.image_size,

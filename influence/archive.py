@@ -24,7 +24,8 @@ Test archive (``kind: "test"``), folder k in command-line order::
 
 Writing goes to ``<name>.partial-<pid>`` in the same directory; :meth:`commit`
 fsyncs and renames it over the final name, :meth:`abort` deletes it, so an
-interrupted run leaves the previous archive untouched.
+interrupted run leaves the previous archive untouched. :func:`commit_together`
+puts several archives in place all or none.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from influence import interrupts
 from influence.errors import UserError
 
 FORMAT = "influence-archive"
@@ -174,6 +176,48 @@ class ArchiveWriter:
     def __exit__(self, *exc_info):
         self.abort()  # a no-op after commit()
         return False
+
+
+def commit_together(writers: list[ArchiveWriter]) -> None:
+    """Rename every closed writer's archive into place: all of them, or none.
+
+    Each archive being replaced is first kept under ``<name>.previous-<pid>`` (a hard link,
+    so the final name never goes missing where links work); if any rename fails, the
+    archives already put in place are replaced by those kept copies again (or removed
+    where there was none) and the error is raised. Signals wait until it is done.
+    """
+    pid = os.getpid()
+    with interrupts.deferred():
+        kept: dict[Path, Path] = {}
+        placed: list[ArchiveWriter] = []
+        try:
+            for writer in writers:
+                if writer.path.exists():
+                    backup = writer.path.with_name(f"{writer.path.name}.previous-{pid}")
+                    backup.unlink(missing_ok=True)
+                    try:
+                        os.link(writer.path, backup)
+                    except OSError:  # a file system without hard links
+                        shutil.copy2(writer.path, backup)
+                    kept[writer.path] = backup
+            for writer in writers:
+                os.replace(writer.partial, writer.path)
+                placed.append(writer)
+        except BaseException:
+            for writer in reversed(placed):
+                if writer.path in kept:
+                    os.replace(kept.pop(writer.path), writer.path)
+                else:
+                    writer.path.unlink(missing_ok=True)
+            for backup in kept.values():
+                backup.unlink(missing_ok=True)
+            raise
+        for writer in writers:
+            writer._committed = True
+        for backup in kept.values():
+            backup.unlink(missing_ok=True)
+        for directory in {writer.path.parent for writer in writers}:
+            _fsync_dir(directory)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -418,10 +462,6 @@ class TrainArchive(_NpzReader):
     def label_indices(self, label: int) -> np.ndarray:
         """(k,) int64 global indices of the images with ``label`` (empty if none)."""
         return np.flatnonzero(self.labels == label).astype(np.int64)
-
-    def label_batches(self, label: int) -> np.ndarray:
-        """The stored batches holding ``label``'s images."""
-        return np.flatnonzero(self.batch_label == label)
 
     def read(self, indices) -> np.ndarray:
         """(k, H, W, 3) uint8 images at global ``indices``, in that order.

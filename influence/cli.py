@@ -1,8 +1,9 @@
 """What the three command-line scripts share.
 
 Every script is ``sys.exit(cli.run(main))``: a :class:`~influence.errors.UserError`
-or an argument mistake becomes one line on stderr and exit status 2, Ctrl-C
-becomes exit status 130, and nothing prints a traceback for the user's mistakes.
+or an argument mistake becomes one line on stderr and exit status 2, Ctrl-C or SIGTERM
+(to the process or to its whole group) becomes exit status 130 after the cleanup, and
+nothing prints a traceback for the user's mistakes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
+from influence import interrupts
 from influence.errors import UserError
 
 EXIT_USAGE = 2
@@ -25,6 +27,39 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: an integer >= 0 (a seed, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; expected a whole number >= 0")
+    return value
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """An argparse type: ``N`` or ``WIDTHxHEIGHT`` -> (H, W)."""
+    from influence.imagesize import parse_image_size
+
+    try:
+        return parse_image_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments ``prepare_data.py`` and ``prepare_only_test.py`` share."""
+    parser.add_argument("-ts", "--test", nargs="+", required=True, metavar="FOLDER",
+                        help="test folders, each with class folders named by label index (779) or train class name")
+    parser.add_argument("-o", "--out-dir", default=".", metavar="DIR",
+                        help="where train.npz and test.npz go (default: the current directory)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first unreadable image instead of skipping it with a warning")
+    parser.add_argument("--workers", type=whole_number, default=None, metavar="N",
+                        help="decoding processes (default: all cores)")
 
 
 def quiet_tensorflow(verbose: bool = False) -> None:
@@ -68,10 +103,15 @@ def run(
     on_interrupt: str = "nothing was written; the previous files are intact",
 ) -> int:
     """Call ``main(argv)``: user errors become one line and exit status 2, Ctrl-C or
-    SIGTERM one line (``on_interrupt`` says what became of the work) and exit status 130."""
+    SIGTERM one line (``on_interrupt`` says what became of the work) and exit status 130.
+
+    SIGTERM unwinds like Ctrl-C (a :class:`KeyboardInterrupt`), so the same cleanup runs:
+    partial files go, previous files stay. Only the first of these signals counts.
+    """
     prog = os.path.basename(sys.argv[0]) or "influence"
     try:
-        return main(argv) or 0
+        with interrupts.as_keyboard_interrupt():
+            return main(argv) or 0
     except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

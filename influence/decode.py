@@ -10,7 +10,6 @@ already has it.
 from __future__ import annotations
 
 import os
-import signal
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +19,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from influence import interrupts
 
 # Suffixes (lower case) of the files taken as images; everything else is ignored.
 IMAGE_SUFFIXES = frozenset({
@@ -96,11 +97,6 @@ def _decode_chunk(paths: Sequence[Path], image_size: tuple[int, int]) -> list[De
     return [decode_one(path, image_size) for path in paths]
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C is handled once, by the parent, which then stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def default_workers() -> int:
     """Every core this process may use."""
     try:
@@ -121,16 +117,23 @@ def decode_images(paths: Iterable[Path], *, image_size: tuple[int, int], workers
         for path in paths:
             yield decode_one(path, image_size)
         return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    # Ctrl-C and SIGTERM, also when sent to the whole process group, are handled once, by
+    # this process, which then stops the workers: they ignore both from their first instant.
+    # Starting and stopping the pool is never interrupted halfway (a pool stopped before its
+    # manager thread started would leave its workers running).
+    with interrupts.deferred():
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=interrupts.ignore_in_worker)
     in_flight: deque = deque()
     try:
         while True:
             chunk = [path for _, path in zip(range(CHUNK), paths)]
             if chunk:
-                in_flight.append(pool.submit(_decode_chunk, chunk, image_size))
+                with interrupts.deferred():  # the first submit forks the workers
+                    in_flight.append(pool.submit(_decode_chunk, chunk, image_size))
             if in_flight and (not chunk or len(in_flight) >= workers * CHUNKS_PER_WORKER):
                 yield from in_flight.popleft().result()
             elif not chunk:
                 return
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        with interrupts.deferred():
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from influence import imagenet
+from influence import imagenet, interrupts
 from influence.decode import is_image_file
 from influence.errors import UserError
 
@@ -149,6 +149,7 @@ def image_files(class_dir: Path, folder: str) -> tuple[list[str], int]:
     files: list[str] = []
     ignored = 0
     for directory, subdirs, names in os.walk(class_dir):
+        interrupts.checkpoint()  # an ImageNet class folder on a network drive takes a while
         subdirs[:] = [name for name in subdirs if not name.startswith(".")]
         relative = Path(directory).relative_to(class_dir)
         for name in names:

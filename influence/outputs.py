@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import socket
-
 import numpy as np
+
+from influence.errors import UserError
 
 TEMPORARY_MARK = ".tmp-"
 
@@ -39,6 +41,30 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output directory") -> None:
+    """A :class:`UserError` unless ``path`` is, or can be created as, a writable folder.
+
+    Nothing is created: a missing ``path`` is judged by its nearest existing parent.
+    ``what`` names the folder in the message (``"output directory"``).
+    """
+    wanted = Path(os.path.abspath(path))
+    existing = wanted
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {existing} is not a folder")
+    if existing != wanted:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{what} {path} cannot be created: {existing} is not writable")
+        return
+    try:
+        # Trying is the only test that also holds for root and read-only file systems.
+        with tempfile.TemporaryFile(dir=wanted):
+            pass
+    except OSError as error:
+        raise UserError(f"{what} {path} is not writable: {error.strerror}") from None
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from influence import archive
+from influence import archive, interrupts
 from influence.decode import CHUNK, Decoded, decode_images, default_workers
 from influence.errors import UserError
 from influence.folders import (
@@ -32,6 +31,8 @@ from influence.folders import (
     image_files,
     resolve_without_train,
 )
+from influence.imagesize import format_image_size
+from influence.outputs import check_writable_dir
 
 TRAIN_ARCHIVE = "train.npz"
 TEST_ARCHIVE = "test.npz"
@@ -39,23 +40,6 @@ DEFAULT_IMAGE_SIZE = (224, 224)  # (H, W), VGG16's input
 DEFAULT_BATCH_SIZE = 150
 DEFAULT_SEED = 0
 RESIZE = "bilinear"
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """``"224"`` -> (224, 224); ``"64x48"`` (width x height) -> (48, 64) = (H, W)."""
-    parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(part.strip().isdecimal() for part in parts):
-        raise ValueError(f"image size {text!r} is not N or WIDTHxHEIGHT (e.g. 224 or 64x48)")
-    width, height = (int(parts[0]), int(parts[-1]))
-    if width < 1 or height < 1:
-        raise ValueError(f"image size {text!r} must be at least 1x1")
-    return height, width
-
-
-def format_image_size(image_size) -> str:
-    """(H, W) -> ``"224"`` or ``"64x48"`` (width x height), as on the command line."""
-    height, width = image_size
-    return str(width) if width == height else f"{width}x{height}"
 
 
 @dataclass
@@ -86,25 +70,6 @@ def check_settings(*, batch_size: int | None = None, workers: int) -> None:
         raise UserError(f"batch size {batch_size} is invalid: it must be at least 1 (default {DEFAULT_BATCH_SIZE})")
     if workers < 1:
         raise UserError(f"--workers {workers} is invalid: it must be at least 1")
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """A :class:`UserError` unless ``out_dir`` is, or can be created as, a writable folder."""
-    existing = Path(os.path.abspath(out_dir))
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"output directory {out_dir} cannot be created: {existing} is not a folder")
-    if existing != Path(os.path.abspath(out_dir)):
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"output directory {out_dir} cannot be created: {existing} is not writable")
-        return
-    try:
-        # Trying is the only test that also holds for root and read-only file systems.
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as error:
-        raise UserError(f"output directory {out_dir} is not writable: {error.strerror}") from None
 
 
 def check_test_folder_names(tests: list[Path]) -> list[str]:
@@ -145,6 +110,7 @@ def scan_train(path: Path, names: list[str], ignored: int, classes: Classes) -> 
     entries = []
     with progress(len(names), "Parse train", "class") as bar:
         for name in names:
+            interrupts.checkpoint()
             files, n_ignored = image_files(Path(path) / name, name)
             entries.append(ClassFolder(name, classes.folders[name], files, n_ignored))
             ignored += n_ignored
@@ -159,6 +125,7 @@ def scan_test(path: Path, name: str, classes: Classes | None) -> ImageFolder:
     names, ignored = class_folder_names(path, "test")
     entries = []
     for class_name in names:
+        interrupts.checkpoint()
         where = f"{path}/{class_name}"
         label = classes.resolve(class_name, where=where) if classes else resolve_without_train(class_name, where=where)[0]
         files, n_ignored = image_files(Path(path) / class_name, class_name)
@@ -215,6 +182,7 @@ def write_train(writer: archive.TrainWriter, train: ImageFolder, classes: Classe
                                           workers=_pool_size(workers, len(order)))) as decoded_images, \
             progress(len(order), "Pack batches", "img") as bar:
         for label, image_id, decoded in zip((int(label) for label in order_labels), order, decoded_images):
+            interrupts.checkpoint()
             bar.update()
             if label != batch_label:
                 flush()  # a batch never holds two labels
@@ -262,6 +230,7 @@ def write_tests(writer: archive.TestWriter, tests: list[ImageFolder], *, names, 
                                                   workers=_pool_size(workers, len(items)))) as decoded_images, \
                     progress(len(items), f"Parse {folder.name}", "img") as bar:
                 for (label, image_id), decoded in zip(items, decoded_images):
+                    interrupts.checkpoint()
                     bar.update()
                     if decoded.image is None:
                         _skip(folder, image_id, decoded, strict=strict)
@@ -321,18 +290,36 @@ def _summary(train: dict | None, test: dict, sizes: dict[str, int], out_dir: Pat
     return f"Done: {'; '.join(parts)} (in {os.path.abspath(out_dir)})"
 
 
-def prepare_data(*, train, tests, out_dir=".", image_size=DEFAULT_IMAGE_SIZE, batch_size=DEFAULT_BATCH_SIZE,
-                 seed=DEFAULT_SEED, strict=False, workers=None) -> dict[str, Path]:
+def prepare_data(**settings) -> dict[str, Path]:
     """Write ``out_dir/train.npz`` and ``out_dir/test.npz``; returns their paths.
 
-    ``image_size`` is (H, W); ``workers`` decoding processes (default: all cores).
+    ``train`` (folder), ``tests`` (folders), ``out_dir``, ``image_size`` (H, W), ``batch_size``
+    (images per stored batch), ``seed`` (of the shuffle within each label), ``strict`` (stop at
+    the first unreadable image) and ``workers`` (decoding processes, default: all cores).
+    Ctrl-C or SIGTERM stops it between two images (:mod:`influence.interrupts`).
     """
+    with interrupts.deferred():
+        return _prepare_data(**settings)
+
+
+def prepare_only_test(**settings) -> dict[str, Path]:
+    """Rewrite only ``out_dir/test.npz``, with the classes of ``out_dir/train.npz`` if it exists.
+
+    ``tests``, ``out_dir``, ``strict`` and ``workers`` as for :func:`prepare_data`;
+    ``image_size`` (H, W) defaults to the train archive's, or 224x224 without one.
+    """
+    with interrupts.deferred():
+        return _prepare_only_test(**settings)
+
+
+def _prepare_data(*, train, tests, out_dir=".", image_size=DEFAULT_IMAGE_SIZE, batch_size=DEFAULT_BATCH_SIZE,
+                  seed=DEFAULT_SEED, strict=False, workers=None) -> dict[str, Path]:
     workers = default_workers() if workers is None else workers
     tests = [Path(path) for path in tests]
     out_dir = Path(out_dir)
     check_settings(batch_size=batch_size, workers=workers)
     names = check_test_folder_names(tests)
-    check_out_dir(out_dir)
+    check_writable_dir(out_dir)
     class_names, ignored, classes = train_classes(Path(train))
     test_folders = [scan_test(path, name, classes) for path, name in zip(tests, names)]
     train_folder = scan_train(Path(train), class_names, ignored, classes)
@@ -346,25 +333,20 @@ def prepare_data(*, train, tests, out_dir=".", image_size=DEFAULT_IMAGE_SIZE, ba
         test_meta = write_tests(test_writer, test_folders, names=classes.name, strict=strict, workers=workers,
                                 train_archive=TRAIN_ARCHIVE, labeling=classes.labeling)
         _create(test_writer)
-        # Both complete: only now replace the previous archives.
-        train_writer.commit()
-        test_writer.commit()
+        # Both complete: only now replace the previous archives, both or neither.
+        archive.commit_together([train_writer, test_writer])
     sizes = {TRAIN_ARCHIVE: train_writer.bytes_written, TEST_ARCHIVE: test_writer.bytes_written}
     print(_summary(train_meta, test_meta, sizes, out_dir), flush=True)
     return {"train": train_writer.path, "test": test_writer.path}
 
 
-def prepare_only_test(*, tests, out_dir=".", image_size=None, strict=False, workers=None) -> dict[str, Path]:
-    """Rewrite only ``out_dir/test.npz``, with the classes of ``out_dir/train.npz`` if it exists.
-
-    ``image_size`` (H, W) defaults to the train archive's, or 224x224 without one.
-    """
+def _prepare_only_test(*, tests, out_dir=".", image_size=None, strict=False, workers=None) -> dict[str, Path]:
     workers = default_workers() if workers is None else workers
     tests = [Path(path) for path in tests]
     out_dir = Path(out_dir)
     check_settings(workers=workers)
     names = check_test_folder_names(tests)
-    check_out_dir(out_dir)
+    check_writable_dir(out_dir)
     train_path = out_dir / TRAIN_ARCHIVE
     classes = None
     if train_path.exists():
@@ -372,7 +354,8 @@ def prepare_only_test(*, tests, out_dir=".", image_size=None, strict=False, work
             classes = Classes.from_meta(train.meta)
             if image_size is not None and tuple(image_size) != train.image_size:
                 raise UserError(f"--image-size {format_image_size(image_size)} differs from {train_path}'s "
-                                f"{format_image_size(train.image_size)}: test and train images must match")
+                                f"{format_image_size(train.image_size, short=False)}: test and train images "
+                                f"must match")
             image_size = train.image_size
     image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
     test_folders = [scan_test(path, name, classes) for path, name in zip(tests, names)]

@@ -364,7 +364,8 @@ def test_check_image_size():
     message = str(error.value)
     assert "32x32" in message and "224x224" in message and "model tiny.keras" in message
     assert "prepare_data.py --image-size 224 " in message
-    with pytest.raises(UserError, match="--image-size 64x48"):
+    # A model taking 64 high x 48 wide images asks for --image-size WIDTHxHEIGHT = 48x64.
+    with pytest.raises(UserError, match="--image-size 48x64"):
         models.check_image_size(_loaded_stub((64, 48)), np.array([48, 64]))
 
 

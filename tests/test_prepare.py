@@ -14,6 +14,7 @@ from imagegen import image_array, make_class_folders
 from influence import archive, prepare
 from influence.errors import UserError
 from influence.folders import natural_key
+from influence.imagesize import parse_image_size
 
 SIZE = (16, 16)
 
@@ -187,11 +188,11 @@ def test_every_image_mode_decodes_to_its_source_pixels(tmp_path):
 
 
 def test_resize_to_width_x_height(tmp_path):
-    assert prepare.parse_image_size("224") == (224, 224)
-    assert prepare.parse_image_size("64x48") == (48, 64)  # width x height -> (H, W)
+    assert parse_image_size("224") == (224, 224)
+    assert parse_image_size("64x48") == (48, 64)  # width x height -> (H, W)
     for bad in ("0", "12x", "x", "-3", "4x0", "big"):
         with pytest.raises(ValueError):
-            prepare.parse_image_size(bad)
+            parse_image_size(bad)
     pixels = np.zeros((10, 30, 3), np.uint8)
     pixels[:, 15:] = 255  # right half white
     save(tmp_path / "train/a/wide.png", Image.fromarray(pixels))
@@ -440,4 +441,26 @@ def test_disk_full_while_writing_is_one_line_and_keeps_previous_archives(tmp_pat
     with pytest.raises(UserError, match=r"cannot write in .*out: No space left on device"):
         run_prepare(tmp_path, train, [train], seed=5)
     assert sorted(os.listdir(tmp_path / "out")) == ["test.npz", "train.npz"]
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("failing", ["train.npz", "test.npz"])
+def test_final_renames_are_all_or_nothing(tmp_path, monkeypatch, failing):
+    """When one archive cannot be put in place, the other is not replaced either."""
+    import errno
+
+    train = make_class_folders(tmp_path / "train", {"a": 4, "b": 4})
+    run_prepare(tmp_path, train, [train])
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.npz", "test.npz")}
+    real_replace = os.replace
+
+    def replace(source, target, *args, **kwargs):
+        if Path(target).name == failing and ".partial-" in Path(source).name:
+            raise OSError(errno.EIO, "Input/output error", str(target))
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match="Input/output error"):
+        run_prepare(tmp_path, train, [train], seed=9, batch_size=3)
+    assert listing(tmp_path / "out") == ["test.npz", "train.npz"]
     assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before

@@ -1,6 +1,7 @@
 """The two scripts as users run them: console output, and every bad input ending in one
 line on stderr, exit status 2, no traceback and nothing written."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -103,7 +104,7 @@ BAD_INPUTS = {
                                     r"class folder train_hole/b has no images"),
     "batch size 0": (["-tr", "train", "-ts", "orig", "-bs", "0"], r"batch size 0 is invalid: it must be at least 1"),
     "batch size not a number": (["-tr", "train", "-ts", "orig", "-bs", "many"],
-                                r"argument -bs/--batch-size: 'many' is not a whole number"),
+                                r"argument -bs/--archive-batch-size(/--batch-size)?: 'many' is not a whole number"),
     "unknown test class": (["-tr", "train", "-ts", "test_unknown"],
                            r"test class folder test_unknown/1000 matches no class: expected an ILSVRC-2012 wnid "
                            r"\(train has n01440764, n01443537\) or a label index 0-999"),
@@ -179,38 +180,72 @@ def test_prepare_only_test_refuses_a_foreign_train_npz(folders):
     assert tree(folders) == before
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_interrupt_leaves_previous_archives_and_no_partial_file(tmp_path, signal_name):
-    """Ctrl-C (or a scheduler's SIGTERM) as soon as the partial files exist: exit 130, the pool
-    stops, the partial files go, the archives of the previous run stay byte for byte."""
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (the decoding workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """Enough images that decoding them at 128 px outlasts the time a signal takes to land."""
+    root = tmp_path_factory.mktemp("many")
+    make_class_folders(root / "train", {"a": 1500, "b": 1500})
+    return root / "train"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+@pytest.mark.parametrize("script, signal_name, target", [
+    ("prepare_data.py", "SIGINT", "process"),
+    ("prepare_data.py", "SIGTERM", "process"),
+    ("prepare_data.py", "SIGINT", "group"),
+    ("prepare_data.py", "SIGTERM", "group"),
+    ("prepare_only_test.py", "SIGINT", "group"),
+    ("prepare_only_test.py", "SIGTERM", "group"),
+])
+def test_interrupt_while_decoding_ends_promptly_and_cleanly(tmp_path, many_images, script, signal_name, target):
+    """Ctrl-C, or a scheduler's SIGTERM, to the process or to its whole group (workers included)
+    while the workers decode: exit 130 within seconds, one line, no worker traceback, no partial
+    file, and the archives of the previous run byte for byte."""
     import signal
     import time
 
-    make_class_folders(tmp_path / "train", {"a": 2, "b": 2}, size=(8, 8))
-    make_class_folders(tmp_path / "orig", {"0": 1}, size=(8, 8))
-    assert run_script("prepare_data.py", "-tr", "train", "-ts", "orig", "-o", "out", cwd=tmp_path).returncode == 0
+    make_class_folders(tmp_path / "small", {"a": 2, "b": 2}, size=(8, 8))
+    assert run_script("prepare_data.py", "-tr", "small", "-ts", "small", "-o", "out", "--image-size", "128",
+                      cwd=tmp_path).returncode == 0
     before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.npz", "test.npz")}
-    # The signal must land while the archives are being written; on a loaded machine a
-    # small run can finish first, so a run that completed is retried with more images.
-    for per_class in (750, 1500, 3000, 6000):
-        make_class_folders(tmp_path / "train", {"a": per_class, "b": per_class})
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "prepare_data.py"), "-tr", "train", "-ts", "orig", "-o", "out",
-             "--image-size", "128", "--workers", "2"],
-            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
+    (tmp_path / "train").symlink_to(many_images)
+    args = ["-ts", "train"] if script == "prepare_only_test.py" else ["-tr", "train", "-ts", "small"]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args, "-o", "out", "--image-size", "128", "--workers", "2"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    try:
         deadline = time.monotonic() + 60
-        while (not list((tmp_path / "out").glob("*.partial-*")) and process.poll() is None
-               and time.monotonic() < deadline):
+        while not (list((tmp_path / "out").glob("*.partial-*")) and child_pids(process.pid)):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.005)
-        process.send_signal(getattr(signal, signal_name))
-        _, err = process.communicate(timeout=60)
-        if process.returncode != 0:
-            break
-        before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.npz", "test.npz")}
+        number = getattr(signal, signal_name)
+        if target == "group":
+            os.killpg(process.pid, number)
+        else:
+            process.send_signal(number)
+        _, err = process.communicate(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # workers left behind by a failed run
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     assert process.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("prepare_data.py: interrupted")
-    assert "Traceback" not in err
+    assert terminal_lines(err)[-1].startswith(f"{script}: interrupted"), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert sorted(os.listdir(tmp_path / "out")) == ["test.npz", "train.npz"]
     for name, content in before.items():
         assert (tmp_path / "out" / name).read_bytes() == content
