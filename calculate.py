@@ -33,7 +33,7 @@ def damping_value(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1) (LiSSA shrinks by 1 - damping each step)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1) (LiSSA's damping coefficient)")
     return value
 
 
@@ -129,22 +129,26 @@ def main(argv=None) -> int:
     cli.quiet_tensorflow(args.verbose)
     if args.layers is not None and args.last_layers is not None:
         raise UserError("--layers and --last-layers choose the parameters two ways; give one of them")
-    from influence import job
+    from influence import job, plan
+    from influence.settings import PresentationSettings, ScoringSettings, Settings, SolverSettings
 
-    job.parse_shard(args.shard)  # a bad --shard fails before the archives are opened
-    settings = job.Settings(
-        depth=args.depth,
-        batch_size=args.batch_size,
-        score_batch_size=args.score_batch_size,
-        damping=args.damping,
-        scale=args.scale,
-        repeat=args.repeat,
-        layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()) if args.layers else None,
-        last_layers=args.last_layers,
-        seed=args.seed,
-        top=args.top,
-        all_labels=args.all_labels,
-        save_format=args.save_format,
+    plan.parse_shard(args.shard)  # a bad --shard fails before the archives are opened
+    settings = Settings(
+        solver=SolverSettings(
+            depth=args.depth,
+            batch_size=args.batch_size,
+            damping=args.damping,
+            scale=args.scale,
+            repeat=args.repeat,
+            seed=args.seed,
+        ),
+        scoring=ScoringSettings(
+            layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()) if args.layers else None,
+            last_layers=args.last_layers,
+            all_labels=args.all_labels,
+            score_batch_size=args.score_batch_size,
+        ),
+        presentation=PresentationSettings(top=args.top, save_format=args.save_format),
     )
     job.calculate(
         train_path=args.train,

@@ -42,7 +42,7 @@ def whole_number(text: str) -> int:
 
 def image_size(text: str) -> tuple[int, int]:
     """An argparse type: ``N`` or ``WIDTHxHEIGHT`` -> (H, W)."""
-    from influence.imagesize import parse_image_size
+    from influence.prepare import parse_image_size
 
     try:
         return parse_image_size(text)

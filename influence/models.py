@@ -27,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from influence import losses
+from influence.archive import format_image_size
 from influence.errors import UserError
-from influence.imagesize import format_image_size
 
 VGG16_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
 VGG16_WEIGHTS_URL = (
@@ -358,9 +358,9 @@ def check_image_size(loaded: LoadedModel, image_size: Sequence[int]) -> None:
     want_height, want_width = loaded.input_size
     if (want_height in (None, height)) and (want_width in (None, width)):
         return
-    wanted = (want_height or height, want_width or width)
+    want_height, want_width = want_height or height, want_width or width
     raise UserError(
-        f"the archive's images are {format_image_size((height, width), short=False)} (width x height) but "
-        f"{loaded.description} takes {format_image_size(wanted, short=False)}; prepare the archives again with "
-        f"`python prepare_data.py --image-size {format_image_size(wanted)} ...`"
+        f"the archive's images are {height}x{width} (height x width) but {loaded.description} "
+        f"takes {want_height}x{want_width}; prepare the archives again with "
+        f"`python prepare_data.py --image-size {format_image_size((want_height, want_width))} ...`"
     )

@@ -43,30 +43,6 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def check_writable_dir(path: str | os.PathLike, what: str = "output directory") -> None:
-    """A :class:`UserError` unless ``path`` is, or can be created as, a writable folder.
-
-    Nothing is created: a missing ``path`` is judged by its nearest existing parent.
-    ``what`` names the folder in the message (``"output directory"``).
-    """
-    wanted = Path(os.path.abspath(path))
-    existing = wanted
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{what} {path} cannot be created: {existing} is not a folder")
-    if existing != wanted:
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"{what} {path} cannot be created: {existing} is not writable")
-        return
-    try:
-        # Trying is the only test that also holds for root and read-only file systems.
-        with tempfile.TemporaryFile(dir=wanted):
-            pass
-    except OSError as error:
-        raise UserError(f"{what} {path} is not writable: {error.strerror}") from None
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
@@ -121,3 +97,22 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> int:
             leftover.unlink()
             removed += 1
     return removed
+
+
+def check_writable_dir(out_dir: str | os.PathLike) -> None:
+    """A :class:`UserError` unless ``out_dir`` is, or can be created as, a writable folder."""
+    existing = Path(os.path.abspath(out_dir))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"output directory {out_dir} cannot be created: {existing} is not a folder")
+    if existing != Path(os.path.abspath(out_dir)):
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"output directory {out_dir} cannot be created: {existing} is not writable")
+        return
+    try:
+        # Trying is the only test that also holds for root and read-only file systems.
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise UserError(f"output directory {out_dir} is not writable: {error.strerror}") from None

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from influence import archive, interrupts
+from influence import archive, interrupts, outputs
 from influence.decode import CHUNK, Decoded, decode_images, default_workers
 from influence.errors import UserError
 from influence.folders import (
@@ -31,8 +31,6 @@ from influence.folders import (
     image_files,
     resolve_without_train,
 )
-from influence.imagesize import format_image_size
-from influence.outputs import check_writable_dir
 
 TRAIN_ARCHIVE = "train.npz"
 TEST_ARCHIVE = "test.npz"
@@ -40,6 +38,17 @@ DEFAULT_IMAGE_SIZE = (224, 224)  # (H, W), VGG16's input
 DEFAULT_BATCH_SIZE = 150
 DEFAULT_SEED = 0
 RESIZE = "bilinear"
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"224"`` -> (224, 224); ``"64x48"`` (width x height) -> (48, 64) = (H, W)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(part.strip().isdecimal() for part in parts):
+        raise ValueError(f"image size {text!r} is not N or WIDTHxHEIGHT (e.g. 224 or 64x48)")
+    width, height = (int(parts[0]), int(parts[-1]))
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {text!r} must be at least 1x1")
+    return height, width
 
 
 @dataclass
@@ -319,7 +328,7 @@ def _prepare_data(*, train, tests, out_dir=".", image_size=DEFAULT_IMAGE_SIZE, b
     out_dir = Path(out_dir)
     check_settings(batch_size=batch_size, workers=workers)
     names = check_test_folder_names(tests)
-    check_writable_dir(out_dir)
+    outputs.check_writable_dir(out_dir)
     class_names, ignored, classes = train_classes(Path(train))
     test_folders = [scan_test(path, name, classes) for path, name in zip(tests, names)]
     train_folder = scan_train(Path(train), class_names, ignored, classes)
@@ -346,16 +355,16 @@ def _prepare_only_test(*, tests, out_dir=".", image_size=None, strict=False, wor
     out_dir = Path(out_dir)
     check_settings(workers=workers)
     names = check_test_folder_names(tests)
-    check_writable_dir(out_dir)
+    outputs.check_writable_dir(out_dir)
     train_path = out_dir / TRAIN_ARCHIVE
     classes = None
     if train_path.exists():
         with archive.open_train(train_path) as train:
             classes = Classes.from_meta(train.meta)
             if image_size is not None and tuple(image_size) != train.image_size:
-                raise UserError(f"--image-size {format_image_size(image_size)} differs from {train_path}'s "
-                                f"{format_image_size(train.image_size, short=False)}: test and train images "
-                                f"must match")
+                raise UserError(f"--image-size {archive.format_image_size(image_size)} differs from {train_path}'s "
+                                f"{archive.format_image_size(train.image_size, short=False)}: test and train "
+                                f"images must match")
             image_size = train.image_size
     image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
     test_folders = [scan_test(path, name, classes) for path, name in zip(tests, names)]

@@ -14,7 +14,6 @@ from imagegen import image_array, make_class_folders
 from influence import archive, prepare
 from influence.errors import UserError
 from influence.folders import natural_key
-from influence.imagesize import parse_image_size
 
 SIZE = (16, 16)
 
@@ -188,11 +187,11 @@ def test_every_image_mode_decodes_to_its_source_pixels(tmp_path):
 
 
 def test_resize_to_width_x_height(tmp_path):
-    assert parse_image_size("224") == (224, 224)
-    assert parse_image_size("64x48") == (48, 64)  # width x height -> (H, W)
+    assert prepare.parse_image_size("224") == (224, 224)
+    assert prepare.parse_image_size("64x48") == (48, 64)  # width x height -> (H, W)
     for bad in ("0", "12x", "x", "-3", "4x0", "big"):
         with pytest.raises(ValueError):
-            parse_image_size(bad)
+            prepare.parse_image_size(bad)
     pixels = np.zeros((10, 30, 3), np.uint8)
     pixels[:, 15:] = 255  # right half white
     save(tmp_path / "train/a/wide.png", Image.fromarray(pixels))
