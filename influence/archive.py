@@ -30,6 +30,7 @@ puts several archives in place all or none.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -50,6 +51,8 @@ from influence.errors import UserError
 FORMAT = "influence-archive"
 FORMAT_VERSION = 1
 TRAIN, TEST = "train", "test"
+LABELINGS = ("imagenet", "natural")  # how train class folders became labels (influence.folders)
+MAX_LABEL = np.iinfo(np.int32).max  # labels are stored as int32
 
 META = "meta"
 LABELS = "labels"
@@ -341,6 +344,11 @@ class _NpzReader:
         if kind is not None and self.meta.get("kind") != kind:
             self._file.close()
             raise UserError(f"{self.path} is a {self.meta.get('kind')} archive, expected {what}")
+        try:
+            _check_meta(self.meta)
+        except UserError as error:
+            self._file.close()
+            raise UserError(f"{self.path} is damaged: {error}") from None
         height, width = self.meta["image_size"]
         self.image_size = (int(height), int(width))  # (H, W)
         self._lock = threading.Lock()
@@ -418,6 +426,64 @@ class _NpzReader:
         return False
 
 
+def _field(entry: dict, key: str, kinds, where: str):
+    """``entry[key]`` if it is one of ``kinds``, else a :class:`UserError` naming what is wrong."""
+    if not isinstance(entry, dict) or key not in entry:
+        raise UserError(f"its metadata lacks {where}{key!r}")
+    value = entry[key]
+    if not isinstance(value, kinds) or isinstance(value, bool) and kinds is int:
+        raise UserError(f"its metadata's {where}{key!r} is {value!r}")
+    return value
+
+
+def _check_label(entry: dict, where: str) -> None:
+    label = _field(entry, "label", int, where)
+    if not 0 <= label <= MAX_LABEL:
+        raise UserError(f"its metadata's {where}'label' is {label}, outside 0..{MAX_LABEL}")
+
+
+def _check_meta(meta: dict) -> None:
+    """Every metadata field the readers use, present and of the right type (so that a damaged
+    or hand-edited archive is refused when it is opened, not in the middle of a run)."""
+    _field(meta, "format_version", int, "")
+    size = _field(meta, "image_size", list, "")
+    if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size):
+        raise UserError(f"its metadata's 'image_size' is {size!r}, expected [height, width]")
+    kind = meta.get("kind")
+    classes = _field(meta, "classes", list, "") if "classes" in meta else []
+    for position, entry in enumerate(classes):
+        where = f"classes[{position}]."
+        _check_label(entry, where)
+        _field(entry, "name", str, where)
+        if "folder" in entry:
+            _field(entry, "folder", str, where)
+    labeling = meta.get("labeling")
+    if labeling not in (None, *LABELINGS):
+        raise UserError(f"its metadata's 'labeling' is {labeling!r}, expected one of {', '.join(LABELINGS)}")
+    fingerprint = meta.get("labelling_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise UserError(f"its metadata's 'labelling_fingerprint' is {fingerprint!r}")
+    if kind == TEST:
+        for position, entry in enumerate(_field(meta, "folders", list, "")):
+            where = f"folders[{position}]."
+            _field(entry, "name", str, where)
+            _field(entry, "count", int, where)
+            for index, folder in enumerate(entry.get("classes", [])):
+                _field(folder, "folder", str, f"{where}classes[{index}].")
+                _check_label(folder, f"{where}classes[{index}].")
+
+
+def labelling_fingerprint(labeling: str, classes) -> str:
+    """The SHA-256 of a train class list: how ``(label, folder, name)`` triples were assigned.
+
+    Written into both archives of a pair; two archives label alike only if theirs match.
+    """
+    canonical = json.dumps({"labeling": labeling,
+                            "classes": sorted([int(label), str(folder), str(name)] for label, folder, name in classes)},
+                           separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 def _class_names(meta: dict) -> dict[int, str]:
     return {int(entry["label"]): entry["name"] for entry in meta.get("classes", [])}
 
@@ -441,6 +507,13 @@ class TrainArchive(_NpzReader):
             self.close()
             raise UserError(f"{self.path} is damaged: its index is inconsistent")
         self.class_names = _class_names(self.meta)  # label -> human name
+        self.labelling_fingerprint = labelling_fingerprint(
+            self.meta.get("labeling"),
+            [(entry["label"], entry.get("folder"), entry["name"]) for entry in self.meta.get("classes", [])])
+        stored = self.meta.get("labelling_fingerprint")
+        if stored is not None and stored != self.labelling_fingerprint:
+            self.close()
+            raise UserError(f"{self.path} is damaged: its class list does not match its labelling fingerprint")
         self._ids = None
         height, width = self.image_size
         self._image_bytes = height * width * 3
@@ -538,9 +611,50 @@ class TestArchive(_NpzReader):
             images = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
         else:
             images = np.zeros(shape, dtype=np.uint8)
-        labels = self._small(test_member(position, "labels")).astype(np.int64)
-        ids = decode_ids(self._small(test_member(position, "ids")), len(labels))
+        try:
+            labels = self._small(test_member(position, "labels")).astype(np.int64)
+            ids = decode_ids(self._small(test_member(position, "ids")), len(labels))
+        except (KeyError, ValueError, zipfile.BadZipFile):
+            raise UserError(f"{self.path} is damaged: the labels or ids of test folder {name!r} are missing "
+                            f"or unreadable") from None
+        if len(labels) != shape[0]:
+            raise UserError(f"{self.path} is damaged: test folder {name!r} has {shape[0]} images "
+                            f"but {len(labels)} labels")
         return TestSet(name=name, images=images, labels=labels, ids=ids)
+
+
+def check_pairing(train: TrainArchive, test: TestArchive) -> None:
+    """A :class:`UserError` unless ``test`` was labelled with ``train``'s class list.
+
+    A test class folder becomes a label through the train archive's classes; a test archive
+    prepared against another train archive (a class added or renamed since) carries labels
+    that mean other classes here. Archives that record a labelling fingerprint are compared
+    by it; older ones by their class lists (names of shared labels, folders of shared names).
+    A test archive prepared without any train archive (labels given as ImageNet wnids or label
+    indices) pairs with any train archive whose class names agree with its own.
+    """
+    stored = test.meta.get("labelling_fingerprint")
+    hint = (f"prepare the test folders again against this train archive (prepare_only_test.py -o "
+            f"{train.path.parent}), or pass the train archive they were prepared with")
+    if stored is not None and stored != train.labelling_fingerprint:
+        raise UserError(f"{test.path} was labelled with another class list than {train.path} "
+                        f"(labelling fingerprints {stored[:12]} and {train.labelling_fingerprint[:12]} differ): "
+                        f"its labels would name other classes; {hint}")
+    labeling, train_labeling = test.meta.get("labeling"), train.meta.get("labeling")
+    if labeling is not None and train_labeling is not None and labeling != train_labeling:
+        raise UserError(f"{test.path} has {labeling} labels but {train.path} has {train_labeling} labels; {hint}")
+    train_folders = {entry["folder"]: int(entry["label"]) for entry in train.meta.get("classes", []) if "folder" in entry}
+    for label, name in sorted(test.class_names.items()):
+        # Without a train archive, a folder named by its label index is named by that index.
+        if label in train.class_names and train.class_names[label] != name and name != str(label):
+            raise UserError(f"{test.path} calls label {label} {name!r} but {train.path} calls it "
+                            f"{train.class_names[label]!r}: the two archives label classes differently; {hint}")
+    for folder in test.meta["folders"]:
+        for entry in folder.get("classes", []):
+            if entry["folder"] in train_folders and train_folders[entry["folder"]] != int(entry["label"]):
+                raise UserError(f"{test.path} gives class folder {folder['name']}/{entry['folder']} label "
+                                f"{entry['label']} but {train.path} gives {entry['folder']} label "
+                                f"{train_folders[entry['folder']]}: the two archives label classes differently; {hint}")
 
 
 def open_train(path) -> TrainArchive:

@@ -75,8 +75,12 @@ class Classes:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Classes":
-        """The classes recorded in a train archive's metadata."""
-        entries = meta["classes"]
+        """The classes recorded in a train archive's metadata (checked by :mod:`influence.archive`,
+        which leaves ``labeling`` and the class folders optional for archives written by hand)."""
+        entries = meta.get("classes", [])
+        if meta.get("labeling") is None or not entries or any("folder" not in entry for entry in entries):
+            raise UserError("the train archive's metadata lacks its labelling or class folders; "
+                            "prepare it again with prepare_data.py")
         return cls(meta["labeling"], {entry["folder"]: int(entry["label"]) for entry in entries},
                    {int(entry["label"]): entry["name"] for entry in entries})
 

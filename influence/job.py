@@ -74,6 +74,7 @@ def calculate(
                 f"{test_path} holds {archive.format_image_size(test.image_size)} images but {train_path} holds "
                 f"{archive.format_image_size(train.image_size)}; prepare both at the same --image-size"
             )
+        archive.check_pairing(train, test)  # the test labels mean the train archive's classes
         items = plan.select_shard(plan.plan_work(test, folders=folders, labels=labels), shard_index, shard_count)
         names = archive.class_names(train, test)
         if not settings.scoring.all_labels:

@@ -214,6 +214,7 @@ def write_train(writer: archive.TrainWriter, train: ImageFolder, classes: Classe
         "created_by": "prepare_data.py",
         "source": os.path.abspath(train.path),
         "labeling": classes.labeling,
+        "labelling_fingerprint": train_fingerprint(train, classes),
         "seed": seed,
         "batch_size": batch_size,
         "resize": RESIZE,
@@ -225,8 +226,14 @@ def write_train(writer: archive.TrainWriter, train: ImageFolder, classes: Classe
     })
 
 
+def train_fingerprint(train: ImageFolder, classes: Classes) -> str:
+    """The labelling fingerprint of the train classes (:func:`influence.archive.labelling_fingerprint`)."""
+    return archive.labelling_fingerprint(classes.labeling,
+                                         [(entry.label, entry.folder, classes.name(entry.label)) for entry in train.classes])
+
+
 def write_tests(writer: archive.TestWriter, tests: list[ImageFolder], *, names, strict: bool, workers: int,
-                train_archive: str | None, labeling: str | None) -> dict:
+                train_archive: str | None, labeling: str | None, fingerprint: str | None) -> dict:
     """Decode and store every test folder (class folders in natural order, files in natural order)."""
     height, width = writer.image_size
     for folder in tests:
@@ -253,6 +260,7 @@ def write_tests(writer: archive.TestWriter, tests: list[ImageFolder], *, names, 
     return writer.finish({
         "created_by": "prepare_data.py" if train_archive else "prepare_only_test.py",
         "labeling": labeling,
+        "labelling_fingerprint": fingerprint,  # of the train classes the folders were resolved with
         "train_archive": train_archive,
         "resize": RESIZE,
         "classes": [{"label": label, "name": names(label)} for label in labels],
@@ -340,7 +348,8 @@ def _prepare_data(*, train, tests, out_dir=".", image_size=DEFAULT_IMAGE_SIZE, b
                                  strict=strict, workers=workers)
         _create(train_writer)
         test_meta = write_tests(test_writer, test_folders, names=classes.name, strict=strict, workers=workers,
-                                train_archive=TRAIN_ARCHIVE, labeling=classes.labeling)
+                                train_archive=TRAIN_ARCHIVE, labeling=classes.labeling,
+                                fingerprint=train_fingerprint(train_folder, classes))
         _create(test_writer)
         # Both complete: only now replace the previous archives, both or neither.
         archive.commit_together([train_writer, test_writer])
@@ -358,9 +367,11 @@ def _prepare_only_test(*, tests, out_dir=".", image_size=None, strict=False, wor
     outputs.check_writable_dir(out_dir)
     train_path = out_dir / TRAIN_ARCHIVE
     classes = None
+    fingerprint = None
     if train_path.exists():
         with archive.open_train(train_path) as train:
             classes = Classes.from_meta(train.meta)
+            fingerprint = train.labelling_fingerprint
             if image_size is not None and tuple(image_size) != train.image_size:
                 raise UserError(f"--image-size {archive.format_image_size(image_size)} differs from {train_path}'s "
                                 f"{archive.format_image_size(train.image_size, short=False)}: test and train "
@@ -379,7 +390,7 @@ def _prepare_only_test(*, tests, out_dir=".", image_size=None, strict=False, wor
         test_writer = stack.enter_context(archive.TestWriter(out_dir / TEST_ARCHIVE, image_size=image_size))
         test_meta = write_tests(test_writer, test_folders, names=class_name, strict=strict, workers=workers,
                                 train_archive=TRAIN_ARCHIVE if classes else None,
-                                labeling=classes.labeling if classes else None)
+                                labeling=classes.labeling if classes else None, fingerprint=fingerprint)
         _create(test_writer)
         test_writer.commit()
     print(_summary(None, test_meta, {TEST_ARCHIVE: test_writer.bytes_written}, out_dir), flush=True)

@@ -378,3 +378,30 @@ def test_newer_format_and_damaged_archives_are_refused(tmp_path, train_path):
     rewrite_member(path, compressed, "", b"", compress=zipfile.ZIP_DEFLATED)
     with archive.open_train(compressed) as train, pytest.raises(UserError, match="compressed members"):
         train.read([0])
+
+
+@pytest.mark.parametrize("kind, edit, message", [
+    ("train", lambda meta: meta.pop("image_size"), r"lacks 'image_size'"),
+    ("train", lambda meta: meta["classes"][0].pop("label"), r"lacks classes\[0\]\.'label'"),
+    ("train", lambda meta: meta["classes"][0].update(label=2**40), r"classes\[0\]\.'label' is 1099511627776"),
+    ("test", lambda meta: meta.pop("folders"), r"lacks 'folders'"),
+    ("test", lambda meta: meta["folders"][0].pop("name"), r"lacks folders\[0\]\.'name'"),
+])
+def test_metadata_lacking_a_field_is_refused_when_opened(tmp_path, train_path, kind, edit, message):
+    """Every metadata field a reader uses is checked when the archive is opened: one line, not a
+    KeyError in the middle of a run."""
+    if kind == "train":
+        path, _ = train_path
+    else:
+        path = tmp_path / "test.npz"
+        with archive.TestWriter(path, image_size=SIZE) as writer:
+            writer.add_folder("orig", [(np.zeros((*SIZE, 3), np.uint8), 7, "7/a.png")])
+            writer.finish({"classes": [{"label": 7, "name": "seven"}]})
+            writer.close()
+            writer.commit()
+    meta = archive.read_meta(path)
+    edit(meta)
+    damaged = tmp_path / "damaged.npz"
+    rewrite_member(path, damaged, "meta.npy", npy_bytes(np.frombuffer(json.dumps(meta).encode(), np.uint8)))
+    with pytest.raises(UserError, match=rf"damaged\.npz is damaged: its metadata('s)? .*{message}"):
+        (archive.open_train if kind == "train" else archive.open_test)(damaged)

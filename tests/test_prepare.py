@@ -463,3 +463,37 @@ def test_final_renames_are_all_or_nothing(tmp_path, monkeypatch, failing):
         run_prepare(tmp_path, train, [train], seed=9, batch_size=3)
     assert listing(tmp_path / "out") == ["test.npz", "train.npz"]
     assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
+
+
+# --------------------------------------------------------------------------- archive pairing
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["fingerprint", "older archives"])
+def test_test_archive_prepared_against_another_train_archive_is_refused(tmp_path, monkeypatch, recorded):
+    """A class folder added to the train folder shifts every natural-order label: a test archive
+    prepared before names other classes with the new train archive, and must be refused."""
+    import shutil
+
+    from influence import job
+    from influence.settings import Settings
+
+    if not recorded:  # archives written before the fingerprint existed
+        monkeypatch.setattr(prepare, "train_fingerprint", lambda *args: None)
+    make_class_folders(tmp_path / "train", {"cat": 3, "dog": 3})
+    make_class_folders(tmp_path / "test", {"cat": 1, "dog": 1})
+    run_prepare(tmp_path, tmp_path / "train", [tmp_path / "test"], out="old")
+    shutil.copytree(tmp_path / "train", tmp_path / "train2")
+    make_class_folders(tmp_path / "train2", {"aardvark": 3})  # sorts first: cat becomes label 1
+    run_prepare(tmp_path, tmp_path / "train2", [tmp_path / "test"], out="new")
+    with archive.open_train(tmp_path / "new/train.npz") as train, archive.open_test(tmp_path / "old/test.npz") as test:
+        assert test.folder("test").labels.tolist() == [0, 1]  # cat, dog under the old labelling
+        assert train.class_names[0] == "aardvark"
+        with pytest.raises(UserError, match=r"old/test\.npz .*label.* differently|labelled with another class list"):
+            archive.check_pairing(train, test)
+    with archive.open_train(tmp_path / "new/train.npz") as train, archive.open_test(tmp_path / "new/test.npz") as test:
+        archive.check_pairing(train, test)  # the matching pair passes
+    # calculate.py refuses the pair before it loads any model.
+    with pytest.raises(UserError, match=r"old/test\.npz"):
+        job.calculate(train_path=tmp_path / "new/train.npz", test_path=tmp_path / "old/test.npz",
+                      output_dir=tmp_path / "calc", settings=Settings(), model_path=tmp_path / "absent.keras")
+    assert not (tmp_path / "calc").exists()
