@@ -108,6 +108,11 @@ def build_parser() -> cli.ArgumentParser:
         help="VGG16 weights file (default: Keras's cache, ~/.keras/models/vgg16_weights_tf_dim_ordering_tf_kernels.h5)",
     )
     model.add_argument(
+        "--outputs", choices=("auto", "logits", "probabilities"), default="auto",
+        help="what the model outputs: logits, or probabilities after a softmax; 'auto' (default) reads it off "
+        "the model and refuses a model where it cannot tell",
+    )
+    model.add_argument(
         "--preprocess", default=None,
         help="input preprocessing: vgg16, none, unit (x/255), tf (x/127.5-1); default vgg16 for VGG16, none for --model",
     )
@@ -158,6 +163,7 @@ def main(argv=None) -> int:
         model_path=args.model,
         weights=args.weights,
         preprocess=args.preprocess,
+        outputs=args.outputs,
         folders=args.folders,
         labels=args.labels,
         shard=args.shard,

@@ -8,12 +8,21 @@ See the README section "prepare_data.py" for the folder layout, labels and the a
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from influence import cli
 
 # One stored batch is held in memory while the archive is written.
 MAX_BATCH_BYTES = 4 << 30
+
+
+class AmbiguousOption(argparse.Action):
+    """``-b``: calculate.py's Hessian minibatch; argparse would otherwise take it for ``-bs``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not an option of prepare_data.py (calculate.py's -b is its Hessian "
+                     f"minibatch); the images per stored batch are -bs/--archive-batch-size")
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -32,6 +41,7 @@ def build_parser() -> cli.ArgumentParser:
                         type=cli.whole_number, default=150, metavar="N",
                         help="training images per batch stored in train.npz (default 150); a batch never mixes "
                         "labels. Not calculate.py's -b/--batch-size")
+    parser.add_argument("-b", action=AmbiguousOption, help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=cli.image_size, default=(224, 224), metavar="N|WxH",
                         help="resize every image to N x N, or W wide x H high, e.g. 64x48 (default 224)")
     parser.add_argument("--seed", type=cli.whole_number, default=0,

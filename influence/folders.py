@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from influence.errors import UserError
 IMAGENET = "imagenet"  # labels are ILSVRC-2012 indices
 NATURAL = "natural"  # labels are positions in natural sort order
 _DIGITS = re.compile(r"(\d+)")
+MAX_LABEL = 2**31 - 1  # archives store labels as int32
 _LIST_LIMIT = 8
 
 
@@ -116,6 +118,9 @@ def resolve_without_train(name: str, *, where: str) -> tuple[int, str]:
         label = imagenet.label_of(name)
         return label, imagenet.class_name(label)
     if name.isdecimal():
+        if int(name) > MAX_LABEL:
+            raise UserError(f"test class folder {where}: label {name} is too large (label indices go up to "
+                            f"{MAX_LABEL}; a classifier has one output per label)")
         return int(name), name
     raise UserError(f"test class folder {where} matches no class: without a train.npz in the output "
                     f"directory, name test class folders by label index (e.g. 779) or ILSVRC-2012 wnid, "
@@ -145,10 +150,18 @@ def class_folder_names(root: Path, what: str) -> tuple[list[str], int]:
     return names, len(entries) - len(names)
 
 
+def _is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # a dangling link
+        return False
+
+
 def image_files(class_dir: Path, folder: str) -> tuple[list[str], int]:
     """(image paths under ``class_dir`` as ``folder/...`` in natural order, number of other files ignored).
 
-    Sub-folders are searched too; hidden files and folders are skipped.
+    Sub-folders are searched too; hidden files and folders are skipped, and so are entries that
+    are not regular files (FIFOs, devices, sockets, dangling links): they count as ignored.
     """
     files: list[str] = []
     ignored = 0
@@ -157,7 +170,8 @@ def image_files(class_dir: Path, folder: str) -> tuple[list[str], int]:
         subdirs[:] = [name for name in subdirs if not name.startswith(".")]
         relative = Path(directory).relative_to(class_dir)
         for name in names:
-            if is_image_file(name):
+            # Only regular files (or links to them): opening a FIFO named x.jpg would wait forever.
+            if is_image_file(name) and _is_regular_file(os.path.join(directory, name)):
                 files.append((Path(folder) / relative / name).as_posix())
             else:
                 ignored += 1

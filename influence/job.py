@@ -56,6 +56,7 @@ def calculate(
     model_path: Path | None = None,
     weights: Path | None = None,
     preprocess: str | None = None,
+    outputs: str = "auto",
     folders: list[str] | None = None,
     labels: list[int] | None = None,
     shard: str | None = None,
@@ -88,7 +89,7 @@ def calculate(
 
         from influence import explain, imagenet, models  # TensorFlow is imported from here on
 
-        loaded = models.load_classifier(model_path=model_path, weights=weights, preprocess=preprocess)
+        loaded = models.load_classifier(model_path=model_path, weights=weights, preprocess=preprocess, outputs=outputs)
         models.check_image_size(loaded, train.image_size)
         highest = max([int(np.max(train.labels))] + [item.label for item in items])
         if highest >= loaded.num_classes:
@@ -101,6 +102,7 @@ def calculate(
             **settings.fingerprint(),
             "model_sha256": sorted(loaded.files.values()),  # the model file and any weights file
             "preprocess": loaded.preprocess_name,
+            "outputs": "logits" if loaded.from_logits else "probabilities",  # what the loss was computed from
         }
         save_format = settings.presentation.save_format
         todo = plan.pending_items(output_dir, items, save_format, fingerprint, overwrite=overwrite)

@@ -12,6 +12,13 @@ Models come in two kinds:
   inside every ``tf.function`` of the engine and for Keras's softmax in eager mode),
   and from the probabilities clipped to the smallest normal float only otherwise;
 - anything else (a linear last layer): the model outputs logits.
+
+The kind is read off the graph: from the output back through layers that change nothing at
+inference (a linear ``Activation``, ``Identity``, dropout and noise layers, ``Reshape``,
+``Flatten``, a nested model's pass-through) to the first layer that does, which must end in
+a softmax or be linear. A layer that leaves it unclear (a ``Lambda``, a ``Rescaling`` after
+the softmax) is refused, unless the user says which it is (:func:`declare_output_kind`,
+``calculate.py --outputs``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,14 @@ from influence.errors import UserError
 
 PROBABILITIES = "probabilities"
 LOGITS = "logits"
+OUTPUT_KINDS = (LOGITS, PROBABILITIES)
+
+# Layers that pass their input through unchanged at inference (training=False), up to its shape.
+_PASS_THROUGH = tuple(getattr(keras.layers, name) for name in (
+    "Identity", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
+    "GaussianNoise", "AlphaDropout", "ActivityRegularization", "Reshape", "Flatten", "InputLayer",
+) if hasattr(keras.layers, name))
+_DECLARED = "_influence_output_kind"  # attribute set on a model by declare_output_kind
 
 
 def output_layer(model: keras.Model) -> keras.layers.Layer:
@@ -45,22 +60,85 @@ def output_layer(model: keras.Model) -> keras.layers.Layer:
     return layer
 
 
-def _activation_name(layer: keras.layers.Layer) -> str:
+def _activation_name(layer: keras.layers.Layer) -> str | None:
+    """"softmax", "linear", another activation's name, or None when the layer does not say."""
     if isinstance(layer, keras.layers.Softmax):
         return "softmax"
     activation = getattr(layer, "activation", None)
     if activation is None:
-        return "linear"
+        return None
     return getattr(activation, "__name__", str(activation))
 
 
+def _is_pass_through(layer) -> bool:
+    return isinstance(layer, _PASS_THROUGH) or (
+        isinstance(layer, keras.layers.Activation) and _activation_name(layer) == "linear")
+
+
+def _producer(tensor):
+    """(layer, node) that produced a symbolic tensor, or (None, None)."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None, None
+    layer = history.operation
+    nodes = getattr(layer, "_inbound_nodes", [])
+    return layer, nodes[history.node_index] if history.node_index < len(nodes) else None
+
+
+def deciding_layer(model: keras.Model):
+    """The layer whose activation decides what ``model`` outputs: the output layer, or, when
+    that passes its input through (:data:`_PASS_THROUGH`, a linear ``Activation``), the first
+    layer before it that does not; inside nested models too."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        return output_layer(model)
+    if len(outputs) != 1:
+        output_layer(model)  # raises the one-output error
+    return _deciding(outputs[0], model) or output_layer(model)
+
+
+def _deciding(tensor, model, depth: int = 0):
+    if depth > 1000:
+        return None
+    layer, node = _producer(tensor)
+    if layer is None:
+        return None
+    inputs = list(getattr(node, "input_tensors", None) or [])
+    if isinstance(layer, keras.Model) and getattr(layer, "outputs", None) and len(layer.outputs) == 1:
+        inner = _deciding(layer.outputs[0], layer, depth + 1)
+        if inner is not None and not isinstance(inner, keras.layers.InputLayer):
+            return inner
+        # The nested model passes its input through: keep looking outside it.
+        return _deciding(inputs[0], model, depth + 1) if len(inputs) == 1 else inner
+    if _is_pass_through(layer) and len(inputs) == 1:
+        return _deciding(inputs[0], model, depth + 1) or layer
+    return layer
+
+
+def declare_output_kind(model: keras.Model, kind: str) -> None:
+    """Say what ``model`` outputs (``"logits"`` or ``"probabilities"``), overriding the detection."""
+    if kind not in OUTPUT_KINDS:
+        raise UserError(f"unknown output kind {kind!r}; valid: {', '.join(OUTPUT_KINDS)}")
+    setattr(model, _DECLARED, kind)
+
+
 def output_kind(model: keras.Model) -> str:
-    """``"probabilities"`` if the last layer applies softmax, ``"logits"`` if it is linear."""
-    name = _activation_name(output_layer(model))
+    """``"probabilities"`` if the model ends in a softmax, ``"logits"`` if in a linear layer
+    (looking through layers that change nothing, see the module docstring); as declared with
+    :func:`declare_output_kind` if it was."""
+    declared = getattr(model, _DECLARED, None)
+    if declared is not None:
+        return declared
+    layer = deciding_layer(model)
+    name = _activation_name(layer)
     if name == "softmax":
         return PROBABILITIES
     if name == "linear":
         return LOGITS
+    if name is None:
+        raise UserError(f"cannot tell whether model {model.name!r} outputs logits or probabilities: its output "
+                        f"comes from layer {layer.name!r} ({type(layer).__name__}); say which with "
+                        f"--outputs logits or --outputs probabilities")
     raise UserError(f"the last layer of model {model.name!r} applies {name!r}; influence needs "
                     "a classifier whose last layer is linear (logits) or softmax (probabilities)")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -212,8 +213,13 @@ def _load_weights(model: keras.Model, path: Path) -> None:
         ) from error
 
 
-def _from_logits(model: keras.Model, path: Path) -> bool:
-    """True when the model outputs logits, False when it ends in a softmax; else a UserError."""
+def _from_logits(model: keras.Model, path: Path | str, outputs: str) -> bool:
+    """True when the model outputs logits, False when it ends in a softmax; else a UserError.
+
+    ``outputs``: ``"auto"`` (read off the graph, :func:`influence.losses.output_kind`), or
+    ``"logits"`` / ``"probabilities"`` as the user declares, which the loss then follows."""
+    if outputs != "auto":
+        losses.declare_output_kind(model, outputs)
     try:
         return losses.output_kind(model) == losses.LOGITS
     except UserError as error:
@@ -240,7 +246,7 @@ def _check_classifier_shapes(model: keras.Model, path: Path) -> tuple[tuple[int 
     return (input_shape[1], input_shape[2]), int(output_shape[-1])
 
 
-def _load_vgg16(weights: str | os.PathLike | None, preprocess_name: str) -> LoadedModel:
+def _load_vgg16(weights: str | os.PathLike | None, preprocess_name: str, outputs: str) -> LoadedModel:
     if weights is None:
         candidates = _cached_weights_candidates()
         found = [path for path in candidates if path.exists()]
@@ -267,15 +273,18 @@ def _load_vgg16(weights: str | os.PathLike | None, preprocess_name: str) -> Load
         sha256=sha256,
         # The architecture fixes the output order to Keras's ILSVRC list, whatever the weights.
         is_imagenet=True,
-        from_logits=False,
+        from_logits=_from_logits(model, "VGG16", outputs),
         files={str(path): sha256},
     )
 
 
 def _load_saved_model(
-    model_path: str | os.PathLike, weights: str | os.PathLike | None, preprocess_name: str
+    model_path: str | os.PathLike, weights: str | os.PathLike | None, preprocess_name: str, outputs: str
 ) -> LoadedModel:
     path = _existing_file(model_path, "model file", MODEL_SUFFIXES)
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
+        raise UserError(f"model file {path} is not a Keras model file: a .keras file is a zip archive "
+                        f"(model.save), and this one is not (corrupt or incomplete copy?)")
     if path.suffix.lower() in (".h5", ".hdf5"):
         _check_hdf5(path, "model file")
         with h5py.File(path, "r") as h5:
@@ -292,7 +301,7 @@ def _load_saved_model(
     if not isinstance(model, keras.Model):
         raise UserError(f"model file {path} holds a {type(model).__name__}, not a Keras model")
     input_size, num_classes = _check_classifier_shapes(model, path)
-    from_logits = _from_logits(model, path)
+    from_logits = _from_logits(model, path, outputs)
     model_sha256, _ = file_hashes(path)
     files = {str(path): model_sha256}
     source, sha256 = str(path), model_sha256
@@ -323,10 +332,14 @@ def _load_saved_model(
     )
 
 
+OUTPUTS = ("auto", losses.LOGITS, losses.PROBABILITIES)
+
+
 def load_classifier(
     model_path: str | os.PathLike | None = None,
     weights: str | os.PathLike | None = None,
     preprocess: str | None = None,
+    outputs: str = "auto",
 ) -> LoadedModel:
     """Load the classifier to explain, never downloading anything.
 
@@ -340,6 +353,9 @@ def load_classifier(
       ``weights``, if given, is then loaded into that model (a fine-tuned checkpoint of the
       same architecture, say); ``source`` and ``sha256`` then name the weights file.
     - ``preprocess``: a key of :data:`PREPROCESSORS`.
+    - ``outputs``: what the model outputs, ``"logits"`` or ``"probabilities"`` (after a
+      softmax); ``"auto"`` (default) reads it off the graph and refuses a model where that
+      is unclear (see :mod:`influence.losses`).
 
     Every problem with the files (missing, unreadable, truncated, the wrong layout, the wrong
     shapes) is a :class:`~influence.errors.UserError` naming the file and the problem, raised
@@ -347,9 +363,11 @@ def load_classifier(
     """
     preprocess_name = preprocess or ("vgg16" if model_path is None else "none")
     _preprocessor(preprocess_name)  # an unknown name fails before anything is loaded
+    if outputs not in OUTPUTS:
+        raise UserError(f"unknown --outputs {outputs!r}; valid: {', '.join(OUTPUTS)}")
     if model_path is None:
-        return _load_vgg16(weights, preprocess_name)
-    return _load_saved_model(model_path, weights, preprocess_name)
+        return _load_vgg16(weights, preprocess_name, outputs)
+    return _load_saved_model(model_path, weights, preprocess_name, outputs)
 
 
 def check_image_size(loaded: LoadedModel, image_size: Sequence[int]) -> None:

@@ -176,7 +176,9 @@ def write_train(writer: archive.TrainWriter, train: ImageFolder, classes: Classe
         order.extend(entry.files[i] for i in rng.permutation(len(entry.files)))
     order_labels = np.repeat([entry.label for entry in train.classes], [len(entry.files) for entry in train.classes])
     height, width = writer.image_size
-    batch = np.empty((batch_size, height, width, 3), dtype=np.uint8)  # the one batch held in memory
+    # The one batch held in memory; a batch never spans two labels, so none is larger than the largest class.
+    largest = max((len(entry.files) for entry in train.classes), default=1)
+    batch = np.empty((min(batch_size, largest), height, width, 3), dtype=np.uint8)
     batch_ids: list[str] = []
     batch_label = None
     counts: dict[int, int] = {}
@@ -202,7 +204,7 @@ def write_train(writer: archive.TrainWriter, train: ImageFolder, classes: Classe
             batch[len(batch_ids)] = decoded.image
             batch_ids.append(image_id)
             counts[label] = counts.get(label, 0) + 1
-            if len(batch_ids) == batch_size:
+            if len(batch_ids) == len(batch):
                 flush()
         flush()
     _check_readable(train, counts)

@@ -287,6 +287,7 @@ def bad_inputs(workspace):
         (["--scale", "-1"], "neither 'auto' nor a finite number > 0"),
         (["--damping", "1"], "'1' is not a number in [0, 1)"),
         (["--damping", "-0.5"], "'-0.5' is not a number in [0, 1)"),
+        (["--seed", "-1"], "argument --seed: '-1' is negative"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, args, message):

@@ -113,3 +113,37 @@ def test_plain_probabilities_fall_back_to_a_clipped_log():
     np.testing.assert_allclose(got, [-np.log(0.7), -np.log(0.3)], rtol=1e-6)
     zero = losses.cross_entropy(probabilities, tf.constant([2, 1]), kind="probabilities").numpy()
     assert np.isfinite(zero).all() and zero[0] > 80  # -log(smallest normal float32) = 87.3
+
+
+def _softmax_then(*after):
+    """An MLP whose softmax output goes through ``after`` layers."""
+    inputs = keras.Input((5,))
+    x = keras.layers.Dense(4, activation="tanh")(inputs)
+    x = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    for layer in after:
+        x = layer(x)
+    return keras.Model(inputs, x, name="softmax_then")
+
+
+@pytest.mark.parametrize("after", [
+    lambda: [keras.layers.Activation("linear")],
+    lambda: [keras.layers.Dropout(0.5), keras.layers.Identity(), keras.layers.Reshape((3,))],
+], ids=["linear-activation", "dropout-identity-reshape"])
+def test_softmax_is_detected_through_layers_that_change_nothing(after):
+    """Taking probabilities for logits gives another loss (and other scores) without a word."""
+    model = _softmax_then(*after())
+    x, y = tabular_data(6)
+    loss_fn = losses.per_example_loss(model)
+    assert loss_fn.kind == "probabilities"
+    expected = -np.log(model(x).numpy()[np.arange(len(y)), y])  # -log p(y | x), by hand
+    np.testing.assert_allclose(loss_fn(x, y).numpy(), expected, rtol=1e-5)
+
+
+def test_output_kind_that_cannot_be_told_is_refused_unless_declared():
+    model = _softmax_then(keras.layers.Rescaling(1.0))
+    with pytest.raises(UserError, match=r"cannot tell whether .* logits or probabilities.*--outputs"):
+        losses.output_kind(model)
+    losses.declare_output_kind(model, "probabilities")
+    x, y = tabular_data(3)
+    expected = -np.log(model(x).numpy()[np.arange(len(y)), y])
+    np.testing.assert_allclose(losses.per_example_loss(model)(x, y).numpy(), expected, rtol=1e-5)

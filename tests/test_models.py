@@ -329,7 +329,7 @@ def test_bad_model_files_are_user_errors(tmp_path):
         models.load_classifier(model_path=tmp_path / "absent.keras")
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a zip archive")
-    with pytest.raises(UserError, match=f"cannot load model {broken}"):
+    with pytest.raises(UserError, match=f"model file {broken} is not a Keras model file"):
         models.load_classifier(model_path=broken)
     weights_only = tmp_path / "weights_only.h5"
     _write_keras2_weights(weights_only, _tiny_classifier())

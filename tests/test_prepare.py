@@ -497,3 +497,25 @@ def test_test_archive_prepared_against_another_train_archive_is_refused(tmp_path
         job.calculate(train_path=tmp_path / "new/train.npz", test_path=tmp_path / "old/test.npz",
                       output_dir=tmp_path / "calc", settings=Settings(), model_path=tmp_path / "absent.keras")
     assert not (tmp_path / "calc").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_or_dangling_link_in_a_class_folder_is_skipped_and_counted(tmp_path):
+    """Opening a FIFO named like an image waits forever for a writer: the scan must pass it by."""
+    from influence.folders import image_files
+
+    train = make_class_folders(tmp_path / "train", {"a": 2, "b": 2})
+    os.mkfifo(train / "a" / "pipe.jpg")
+    (train / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    files, ignored = image_files(train / "a", "a")
+    assert files == ["a/img_0000.png", "a/img_0001.png"] and ignored == 1
+    run_prepare(tmp_path, train, [train])
+    with archive.open_train(tmp_path / "out/train.npz") as t:
+        assert len(t) == 4 and t.meta["counts"]["ignored"] == 2
+
+
+def test_huge_batch_size_holds_no_more_than_the_largest_class(tmp_path):
+    train = make_class_folders(tmp_path / "train", {"a": 3, "b": 2})
+    run_prepare(tmp_path, train, [train], batch_size=10**9)  # one batch per class, not 10**9 images of memory
+    with archive.open_train(tmp_path / "out/train.npz") as t:
+        assert np.diff(t.batch_start).tolist() == [3, 2] and t.meta["batch_size"] == 10**9

@@ -117,6 +117,12 @@ BAD_INPUTS = {
     "bad image size": (["-tr", "train", "-ts", "orig", "--image-size", "64x"],
                        r"argument --image-size: image size '64x' is not N or WIDTHxHEIGHT"),
     "no test folders": (["-tr", "train"], r"the following arguments are required: -ts/--test"),
+    "negative seed": (["-tr", "train", "-ts", "orig", "--seed", "-1"], r"argument --seed: '-1' is negative"),
+    "batch too large for memory": (["-tr", "train", "-ts", "orig", "-bs", "100000000000"],
+                                   r"argument -bs/--archive-batch-size: 100000000000 images of 224x224 make a "
+                                   r"batch over 4 GiB"),
+    # calculate.py's -b is its Hessian minibatch; here it must not quietly mean -bs.
+    "-b is not an abbreviation": (["-tr", "train", "-ts", "orig", "-b", "4"], r"-b is not an option of prepare_data.py .*-bs/--archive-batch-size"),
 }
 
 
@@ -159,9 +165,11 @@ def test_read_only_output_directory(folders):
     (["-ts", "nowhere"], r"test folder nowhere does not exist"),
     (["-ts", "cats"], r"test class folder cats/cat matches no class: without a train.npz"),
     (["-ts", "orig", "--image-size", "0"], r"image size '0' must be at least 1x1"),
+    (["-ts", "huge"], r"test class folder huge/99999999999: label 99999999999 is too large"),
 ])
 def test_prepare_only_test_bad_input(folders, args, message):
     make_class_folders(folders / "cats", {"cat": 1}, size=(8, 8))
+    make_class_folders(folders / "huge", {"99999999999": 1}, size=(8, 8))
     before = tree(folders)
     result = run_script("prepare_only_test.py", *args, cwd=folders)
     assert result.returncode == 2 and result.stdout == ""
