@@ -532,6 +532,18 @@ class TrainArchive(_NpzReader):
     def n_batches(self) -> int:
         return len(self.batch_label)
 
+    @property
+    def content_fingerprint(self) -> str:
+        """SHA-256 of what decides the training side of every score without reading the pixels:
+        the labelling, image size and resize, every image's label and path, the batching."""
+        digest = hashlib.sha256()
+        for part in (self.labelling_fingerprint, json.dumps(list(self.image_size)), str(self.meta.get("resize")),
+                     str(self.meta.get("seed")), str(self.meta.get("source"))):
+            digest.update(part.encode("utf-8") + b"\0")
+        for array in (self.labels.astype(np.int64), self.batch_start, self._small(IDS)):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
     def label_indices(self, label: int) -> np.ndarray:
         """(k,) int64 global indices of the images with ``label`` (empty if none)."""
         return np.flatnonzero(self.labels == label).astype(np.int64)

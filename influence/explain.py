@@ -18,7 +18,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from influence.errors import UserError
 from influence.plan import WorkItem, item_seed
 from influence.progress import EstimateBar, progress_bar
 from influence.settings import Settings
@@ -102,6 +101,7 @@ class Explanation:
     scores: np.ndarray  # (k,) float64, aligned with indices
     diagnostics: dict  # the solver's, for this test image
     timings: dict
+    gradient_norm: float  # ||grad L(z_test)||: zero means every score is zero
 
 
 def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, engine: Engine,
@@ -117,6 +117,7 @@ def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, en
     predicted = int(np.argmax(engine.model(x_test, training=False)[0]))
     test_loss = float(losses.per_example_loss(engine.model)(x_test, y_test)[0])
     v = hvp.loss_gradient(engine.model, engine.variables, x_test, y_test)
+    gradient_norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(part, dtype=np.float64))) for part in v)))
     timings["test_gradient_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -135,12 +136,7 @@ def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, en
             scored_indices.append(indices)
             scored.append(np.asarray(batch_scores, dtype=np.float64))
             bar.update(len(indices))
-    all_scores = np.concatenate(scored)
-    if not np.all(np.isfinite(all_scores)):
-        raise UserError(
-            f"non-finite influence scores for {item.folder}/{item.label} test image #{item.number}; "
-            f"LiSSA did not converge: raise --scale or --damping"
-        )
+    all_scores = np.concatenate(scored)  # non-finite ones are reported (results.degeneracy), not raised
     timings["scoring_s"] = time.perf_counter() - began
     return Explanation(image, predicted, test_loss, np.concatenate(scored_indices), all_scores,
-                       solution.diagnostics, timings)
+                       solution.diagnostics, timings, gradient_norm)

@@ -13,6 +13,8 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from influence import outputs, plan, results
+from influence import claims, outputs, plan, results
 from influence.errors import UserError
 from influence.figures import Panel
 from influence.settings import Settings
@@ -32,6 +34,9 @@ class Summary:
     computed: int = 0
     skipped: int = 0
     planned: int = 0
+    recomputed: int = 0  # outputs that described another test image or training archive
+    elsewhere: int = 0  # claimed by another process sharing the tree
+    degenerate: list = field(default_factory=list)  # "folder/label/#n: reason", no ranking drawn
     output_dir: Path = field(default_factory=Path)
 
 
@@ -56,7 +61,7 @@ def calculate(
     model_path: Path | None = None,
     weights: Path | None = None,
     preprocess: str | None = None,
-    outputs: str = "auto",
+    model_outputs: str = "auto",
     folders: list[str] | None = None,
     labels: list[int] | None = None,
     shard: str | None = None,
@@ -89,7 +94,8 @@ def calculate(
 
         from influence import explain, imagenet, models  # TensorFlow is imported from here on
 
-        loaded = models.load_classifier(model_path=model_path, weights=weights, preprocess=preprocess, outputs=outputs)
+        loaded = models.load_classifier(model_path=model_path, weights=weights, preprocess=preprocess,
+                                        outputs=model_outputs)
         models.check_image_size(loaded, train.image_size)
         highest = max([int(np.max(train.labels))] + [item.label for item in items])
         if highest >= loaded.num_classes:
@@ -105,37 +111,112 @@ def calculate(
             "outputs": "logits" if loaded.from_logits else "probabilities",  # what the loss was computed from
         }
         save_format = settings.presentation.save_format
-        todo = plan.pending_items(output_dir, items, save_format, fingerprint, overwrite=overwrite)
-        summary = Summary(planned=len(items), skipped=len(items) - len(todo), output_dir=output_dir)
+        with _writing(output_dir):
+            claims.claim_tree(output_dir, fingerprint, overwrite=overwrite)
+        identity = _identities(train, test)
+        mismatched: list = []
+        todo = plan.pending_items(output_dir, items, save_format, fingerprint, overwrite=overwrite,
+                                  identity=identity, mismatched=mismatched)
+        summary = Summary(planned=len(items), skipped=len(items) - len(todo), recomputed=len(mismatched),
+                          output_dir=output_dir)
         if summary.skipped:
             echo(f"{summary.skipped} of {len(items)} test images already complete in {output_dir}; skipping them")
-        if todo:
-            engine = explain.prepare_engine(train, loaded, settings, echo)
+        if mismatched:
+            item, record = mismatched[0]
+            echo(f"{len(mismatched)} earlier outputs describe other test images or another training archive "
+                 f"(e.g. {item.folder}/{item.label}/{item.number}.json was computed for "
+                 f"{record.get('test_id', 'an unrecorded image')}); computing them again")
+        engine = None
         subset = None
         for item in todo:
             files = item.files(output_dir, save_format)
-            if subset is None or subset.key != explain.subset_key(item, settings):
-                subset = explain.load_label_subset(train, item, settings, echo)
-            echo(f"Test image #{item.number} in process")
-            outputs.remove_stale_temporaries(files.directory)
-            test_set = test.folder(item.folder)
-            explanation = explain.explain(item=item, image=np.asarray(test_set.images[item.row]), train=train,
-                                          subset=subset, engine=engine, settings=settings)
-            _write(files, item, str(test_set.ids[item.row]), explanation, train=train, engine=engine,
-                   loaded=loaded, settings=settings, fingerprint=fingerprint, names=names, echo=echo)
+            with _writing(output_dir):
+                claims.check_tree(output_dir, fingerprint)
+                claim, holder = claims.claim_item(files.record)
+            if claim is None:
+                echo(f"Test image #{item.number} of {item.folder}/{item.label} is being computed by "
+                     f"{claims.describe(holder)}; skipping it")
+                summary.elsewhere += 1
+                continue
+            try:
+                record = results.read_record(files)
+                if (not overwrite and record is not None and record.get("identity") == identity(item)
+                        and results.results_present(files)):
+                    summary.skipped += 1  # completed by another process since the plan was made
+                    continue
+                if engine is None:
+                    engine = explain.prepare_engine(train, loaded, settings, echo)
+                if subset is None or subset.key != explain.subset_key(item, settings):
+                    subset = explain.load_label_subset(train, item, settings, echo)
+                echo(f"Test image #{item.number} in process")
+                test_set = test.folder(item.folder)
+                explanation = explain.explain(item=item, image=np.asarray(test_set.images[item.row]), train=train,
+                                              subset=subset, engine=engine, settings=settings)
+                with _writing(output_dir):
+                    outputs.remove_stale_temporaries(files.directory)
+                    claims.check_tree(output_dir, fingerprint)
+                    degenerate = _write(files, item, str(test_set.ids[item.row]), explanation, train=train,
+                                        engine=engine, loaded=loaded, settings=settings, fingerprint=fingerprint,
+                                        identity=identity(item), names=names, echo=echo)
+            finally:
+                claim.release()
             summary.computed += 1
+            if degenerate:
+                summary.degenerate.append(f"{item.folder}/{item.label}/#{item.number}: {degenerate}")
+    others = f", {summary.elsewhere} left to other processes" if summary.elsewhere else ""
     echo(
-        f"Done: {summary.computed} test images computed, {summary.skipped} already complete, "
+        f"Done: {summary.computed} test images computed, {summary.skipped} already complete{others}, "
         f"of {summary.planned} in this shard ({time.perf_counter() - started:.0f} s) -> {output_dir}"
     )
+    if summary.degenerate:
+        echo(f"No ranking for {len(summary.degenerate)} test images (see 'degenerate' in their records):")
+        for line in summary.degenerate:
+            echo(f"  {line}")
     return summary
 
 
-def _write(files, item, test_id, explanation, *, train, engine, loaded, settings, fingerprint, names, echo):
-    """One test image's figures, score table and record."""
+@contextlib.contextmanager
+def _writing(output_dir: Path):
+    """A failed write (disk full, a read-only folder) is one line; finished test images stay."""
+    try:
+        yield
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        raise UserError(f"cannot write into {output_dir}: {where}{error.strerror or error}; the test images "
+                        f"completed so far are kept") from None
+
+
+def _identities(train, test) -> Callable[[plan.WorkItem], dict]:
+    """``identity(item)``: what a result is for (the test image's id, label and pixels, and the
+    training archive), recorded with it and compared on resume (:func:`plan.pending_items`)."""
+    train_fingerprint = train.content_fingerprint
+    cache: dict = {}
+
+    def identity(item: plan.WorkItem) -> dict:
+        if item not in cache:
+            test_set = test.folder(item.folder)
+            pixels = np.ascontiguousarray(test_set.images[item.row])  # (H, W, 3) uint8
+            cache[item] = {
+                "test_id": str(test_set.ids[item.row]),
+                "label": item.label,
+                "image_sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
+                "train_archive": train_fingerprint,
+            }
+        return cache[item]
+
+    return identity
+
+
+def _write(files, item, test_id, explanation, *, train, engine, loaded, settings, fingerprint, identity, names,
+           echo) -> str | None:
+    """One test image's figures, score table and record; returns why it has no ranking, if so."""
     ids = train.ids[explanation.indices]
     train_labels = train.labels[explanation.indices]
-    harmful, useful = results.ranked(explanation.scores, settings.presentation.top)
+    degenerate = results.degeneracy(explanation.scores, gradient_norm=explanation.gradient_norm)
+    if degenerate:
+        harmful, useful = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    else:
+        harmful, useful = results.ranked(explanation.scores, settings.presentation.top)
 
     def rows(positions):
         return [results.TrainingRow(image=train.read(explanation.indices[r:r + 1])[0], id=str(ids[r]),
@@ -149,6 +230,9 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
         + f"\npredicted {explanation.predicted}" + (f" ({predicted_name})" if predicted_name else ""),
     )
     record = {
+        "identity": identity,
+        "degenerate": degenerate,
+        "test_gradient_norm": explanation.gradient_norm,
         "test_id": test_id,
         "folder": item.folder,
         "label": item.label,
@@ -181,6 +265,9 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
         score_table={str(i): float(s) for i, s in zip(ids, explanation.scores)},
         record={**record, "timings": {name: round(seconds, 4) for name, seconds in explanation.timings.items()}},
     )
+    if degenerate:
+        echo(f"warning: no ranking for {item.folder}/{item.label} test image #{item.number}: {degenerate}")
     echo(f"Top {top} harmful -> {files.harmful}")
     echo(f"Top {top} useful -> {files.useful}")
     echo(f"All influences dict -> {files.scores}")
+    return degenerate

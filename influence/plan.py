@@ -12,7 +12,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -94,11 +94,17 @@ def item_seed(seed: int, item: WorkItem) -> tuple[int, ...]:
 
 
 def pending_items(
-    output_dir: Path, items: list[WorkItem], save_format: str, fingerprint: dict, *, overwrite: bool = False
+    output_dir: Path, items: list[WorkItem], save_format: str, fingerprint: dict, *, overwrite: bool = False,
+    identity: Callable[[WorkItem], dict] | None = None, mismatched: list | None = None,
 ) -> list[WorkItem]:
     """The items still to compute, reading each item's record once.
 
-    An item is complete when its record (written last) and every result file are present.
+    An item is complete when its record (written last) and every result file are present,
+    and, given ``identity``, when the record's ``identity`` equals ``identity(item)`` (the test
+    image's id, label and pixel hash, and the training archive's fingerprint): the files of
+    item ``n`` describe another image when the test archive changed since (an image added
+    before it), and every image when the training archive changed. Such items are computed
+    again and appended to ``mismatched`` as ``(item, record)``.
     A record of other settings is refused (unless ``overwrite``): one output tree never
     mixes results of different settings.
     """
@@ -119,9 +125,19 @@ def pending_items(
                 f"e.g. {item.folder}/{item.label}/{item.number}.json); pass --overwrite to replace them "
                 f"or --output-dir for a new tree"
             )
+        if identity is not None and record.get("identity") != identity(item):
+            pending.append(item)
+            if mismatched is not None:
+                mismatched.append((item, record))
+            continue
         if not results.results_present(files):
             pending.append(item)
     return pending
+
+
+def describe_differences(old: dict, new: dict) -> list[str]:
+    """Dotted names of the settings that differ between two (nested) fingerprints."""
+    return _differences(old, new)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

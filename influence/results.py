@@ -73,6 +73,29 @@ def load_scores(path: str | Path) -> dict[str, float]:
     return np.load(path, allow_pickle=True).item()
 
 
+def degeneracy(scores: np.ndarray, *, gradient_norm: float) -> str | None:
+    """Why ``scores`` (k,) rank nothing, or None when they do.
+
+    A zero test gradient makes every score zero whatever the training image; scores that are
+    not finite, all exactly zero (``s_test`` underflowed, e.g. with a huge ``--scale``) or all
+    equal order the training images arbitrarily. Such an image gets no ranking: its record says
+    why (``degenerate``) and its figures show the test image alone.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(gradient_norm):
+        return "the test gradient is not finite (the test loss overflowed)"
+    if gradient_norm == 0:
+        return "the test gradient is zero (the loss cannot change at this image), so every score is zero"
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:
+        return f"{bad} of {len(scores)} scores are not finite (the solver diverged: raise --scale or --damping)"
+    if len(scores) and not np.any(scores):
+        return "every score is exactly zero (s_test underflowed, e.g. a --scale so large that 1/scale vanishes)"
+    if len(scores) > 1 and np.all(scores == scores[0]):
+        return f"every score equals {scores[0]:.6g}: no training image stands out"
+    return None
+
+
 def ranked(scores: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the ``top`` most harmful (most negative first) and most useful (most
     positive first) scores; ties keep the scored order."""
@@ -92,11 +115,18 @@ class TrainingRow:
 
 def write_item(files: ItemFiles, *, heading: str, test_panel: Panel, harmful: list[TrainingRow],
                useful: list[TrainingRow], score_table: dict[str, float], record: dict) -> None:
-    """The figures, the score table, then the record (last: it marks the item complete)."""
+    """The figures, the score table, then the record (last: it marks the item complete).
+
+    A record with ``degenerate`` set (:func:`degeneracy`) gets figures of the test image alone,
+    headed by the reason, and no harmful or useful lists."""
+    degenerate = record.get("degenerate")
+    if degenerate:
+        harmful, useful = [], []
+        heading = f"No ranking: {degenerate}"
     for kind, rows, path in (("harmful", harmful, files.harmful), ("useful", useful, files.useful)):
         plot_influence_row(
             path,
-            heading=heading.format(kind=kind),
+            heading=heading.format(kind=kind) if not degenerate else heading,
             test=test_panel,
             train=[Panel(row.image, f"{row.score:+.3g}\n{row.id}") for row in rows],
         )

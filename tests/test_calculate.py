@@ -106,7 +106,7 @@ def test_output_tree_is_complete(full_run):
     expected = []
     for folder, label, n in EXPECTED_ITEMS:
         expected += [f"{folder}/{label}/{name}" for name in (f"{n}.json", f"{n}.npy", f"harmful_{n}.png", f"useful_{n}.png")]
-    assert result_files(output_dir) == sorted(expected)
+    assert result_files(output_dir) == sorted(expected + [".influence-tree.json"])  # no claim left behind
 
 
 def test_console_output_follows_the_older_suite(full_run):
@@ -353,3 +353,82 @@ def test_test_label_without_training_images_is_refused(tmp_path, workspace):
     assert len(lines) == 1 and "no training images with label 5 (electric_ray)" in lines[0]
     assert "--all-labels" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- one writer, right answers
+
+
+def run_job(workspace, output_dir, *, test_path=None, scale=None, echo=None):
+    """calculate.py's job in this process (no TensorFlow start-up per run), CALCULATE_ARGS's settings."""
+    from influence import job
+    from influence.settings import ScoringSettings, Settings, SolverSettings
+
+    settings = Settings(solver=SolverSettings(depth=6, batch_size=4, seed=3, scale=scale),
+                        scoring=ScoringSettings(score_batch_size=4))
+    lines = []
+    job.calculate(train_path=workspace / "train.npz", test_path=test_path or workspace / "test.npz",
+                  output_dir=output_dir, settings=settings, model_path=workspace / "model.keras", preprocess="unit",
+                  echo=echo or (lambda text, end="\n": lines.append(text)))
+    return "\n".join(lines)
+
+
+def test_resume_recomputes_outputs_of_another_test_image(tmp_path, workspace, full_run):
+    """An image added before the first one shifts every number: 1.json then describes the old first
+    image. Resume must see that, recompute, and score the new image, not skip 'complete' files."""
+    import shutil
+
+    output_dir, _ = full_run
+    tree = tmp_path / "calc_output"
+    shutil.copytree(output_dir, tree)
+    shutil.copytree(workspace / "orig", tmp_path / "orig")
+    Image.open(workspace / "orig/0/img_0001.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+        tmp_path / "orig/0/a_new.png")  # sorts first in class 0
+    shutil.copy(workspace / "train.npz", tmp_path / "train.npz")
+    prepared = run_script("prepare_only_test.py", "-ts", tmp_path / "orig", workspace / "noisy", "-o", tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    out = run_job(workspace, tree, test_path=tmp_path / "test.npz")
+    assert "2 earlier outputs describe other test images" in out and "(e.g. orig/0/1.json was computed for 0/img_0000.png)" in out
+    assert out.count("in process") == 3  # orig/0 #1 (new), #2 (shifted), #3 (shifted); orig/1 and noisy kept
+    records = {n: json.loads((tree / f"orig/0/{n}.json").read_text()) for n in (1, 2, 3)}
+    assert [records[n]["test_id"] for n in (1, 2, 3)] == ["0/a_new.png", "0/img_0000.png", "0/img_0001.png"]
+    old = load_scores(output_dir)
+    assert np.load(tree / "orig/0/2.npy", allow_pickle=True).item() == old[("orig", 0, 1)]  # same image, same scores
+
+
+def test_two_runs_of_different_settings_on_one_tree(tmp_path, workspace):
+    """Started together into one tree: one run owns it, the other is refused before any work."""
+    tree = tmp_path / "shared"
+    command = [sys.executable, str(ROOT / "calculate.py"), "--train", str(workspace / "train.npz"),
+               "--test", str(workspace / "test.npz"), "--model", str(workspace / "model.keras"),
+               "--output-dir", str(tree), "--folders", "noisy", *CALCULATE_ARGS]
+    runs = [subprocess.Popen([*command, "--damping", damping], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for damping in ("0.01", "0.02")]
+    finished = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    codes = sorted(code for code, _, _ in finished)
+    assert codes == [0, 2], finished
+    winner = 0 if finished[0][0] == 0 else 1
+    refused = finished[1 - winner][2]
+    assert "holds the results of a run with other settings (solver.damping differ)" in refused, refused
+    assert "Traceback" not in refused and "Test image #" not in finished[1 - winner][1]
+    record = json.loads((tree / "noisy/2/1.json").read_text())
+    assert record["settings"]["solver"]["damping"] == (0.01, 0.02)[winner]
+
+
+def test_scores_that_rank_nothing_are_reported_not_drawn(tmp_path, workspace):
+    """A scale so large that 1/scale underflows makes every score 0: no 'top five' of ties."""
+    lines = []
+    run_job(workspace, tmp_path / "out", scale=1e300, echo=lambda text, end="\n": lines.append(text))
+    record = json.loads((tmp_path / "out/noisy/2/1.json").read_text())
+    assert "every score is exactly zero" in record["degenerate"]
+    assert record["harmful"] == [] and record["useful"] == []
+    assert not any(np.load(tmp_path / "out/noisy/2/1.npy", allow_pickle=True).item().values())
+    assert any(line.startswith("No ranking for 4 test images") for line in lines)
+
+
+def test_write_error_is_one_line(tmp_path, workspace):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/noisy").write_text("a file where a folder should go")
+    result = calculate(workspace, tmp_path / "out", "--folders", "noisy")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("calculate.py: error: cannot write into "), result.stderr
