@@ -110,6 +110,10 @@ def calculate(
             "preprocess": loaded.preprocess_name,
             "outputs": "logits" if loaded.from_logits else "probabilities",  # what the loss was computed from
         }
+        from influence import params
+
+        scoring = settings.scoring  # a bad layer selection fails before the tree is claimed
+        params.select(loaded.model, layers=list(scoring.layers) if scoring.layers else None, last=scoring.last_layers)
         save_format = settings.presentation.save_format
         with _writing(output_dir):
             claims.claim_tree(output_dir, fingerprint, overwrite=overwrite)
