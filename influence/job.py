@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from influence import claims, outputs, plan, results
-from influence.errors import UserError
+from influence.errors import ItemFailed, UserError
 from influence.figures import Panel
 from influence.settings import Settings
 
@@ -38,6 +38,7 @@ class Summary:
     elsewhere: int = 0  # claimed by another process sharing the tree
     degenerate: list = field(default_factory=list)  # "folder/label/#n: reason", no ranking drawn
     output_dir: Path = field(default_factory=Path)
+    failed: list[tuple[plan.WorkItem, str]] = field(default_factory=list)  # (item, reason)
 
 
 def versions() -> dict:
@@ -66,6 +67,7 @@ def calculate(
     labels: list[int] | None = None,
     shard: str | None = None,
     overwrite: bool = False,
+    retry_failed: bool = True,
     echo: Callable[..., None] = print,
 ) -> Summary:
     """Run the whole job; every check on the input happens before the first solve."""
@@ -120,7 +122,7 @@ def calculate(
         identity = _identities(train, test)
         mismatched: list = []
         todo = plan.pending_items(output_dir, items, save_format, fingerprint, overwrite=overwrite,
-                                  identity=identity, mismatched=mismatched)
+                                  identity=identity, mismatched=mismatched, retry_failed=retry_failed)
         summary = Summary(planned=len(items), skipped=len(items) - len(todo), recomputed=len(mismatched),
                           output_dir=output_dir)
         if summary.skipped:
@@ -145,7 +147,7 @@ def calculate(
             try:
                 record = results.read_record(files)
                 if (not overwrite and record is not None and record.get("identity") == identity(item)
-                        and results.results_present(files)):
+                        and not results.is_failure(record) and results.results_present(files)):
                     summary.skipped += 1  # completed by another process since the plan was made
                     continue
                 if engine is None:
@@ -154,13 +156,28 @@ def calculate(
                     subset = explain.load_label_subset(train, item, settings, echo)
                 echo(f"Test image #{item.number} in process")
                 test_set = test.folder(item.folder)
-                explanation = explain.explain(item=item, image=np.asarray(test_set.images[item.row]), train=train,
-                                              subset=subset, engine=engine, settings=settings)
+                test_id = str(test_set.ids[item.row])
+                try:
+                    explanation = explain.explain(item=item, image=_test_image(test_set, item), train=train,
+                                                  subset=subset, engine=engine, settings=settings)
+                except ItemFailed as failure:
+                    with _writing(output_dir):
+                        claims.check_tree(output_dir, fingerprint)
+                        results.write_failure(files, reason=str(failure), record={
+                            "identity": identity(item),
+                            **_identity(item, test_id, names),
+                            "settings": {**settings.as_dict(), "fingerprint": fingerprint},
+                            "solver": {"method": engine.prepared.name, **engine.prepared.diagnostics},
+                            "versions": versions(),
+                        })
+                    summary.failed.append((item, str(failure)))
+                    echo(f"Test image #{item.number} failed: {failure}")
+                    continue
                 with _writing(output_dir):
                     outputs.remove_stale_temporaries(files.directory)
                     claims.check_tree(output_dir, fingerprint)
-                    degenerate = _write(files, item, str(test_set.ids[item.row]), explanation, train=train,
-                                        engine=engine, loaded=loaded, settings=settings, fingerprint=fingerprint,
+                    degenerate = _write(files, item, test_id, explanation, train=train, engine=engine,
+                                        loaded=loaded, settings=settings, fingerprint=fingerprint,
                                         identity=identity(item), names=names, echo=echo)
             finally:
                 claim.release()
@@ -169,14 +186,33 @@ def calculate(
                 summary.degenerate.append(f"{item.folder}/{item.label}/#{item.number}: {degenerate}")
     others = f", {summary.elsewhere} left to other processes" if summary.elsewhere else ""
     echo(
-        f"Done: {summary.computed} test images computed, {summary.skipped} already complete{others}, "
-        f"of {summary.planned} in this shard ({time.perf_counter() - started:.0f} s) -> {output_dir}"
+        f"Done: {summary.computed} test images computed, {len(summary.failed)} failed, "
+        f"{summary.skipped} already complete{others}, of {summary.planned} in this shard "
+        f"({time.perf_counter() - started:.0f} s) -> {output_dir}"
     )
+    if summary.failed:
+        echo(f"{len(summary.failed)} test images failed; their records say why, and a rerun of the same "
+             f"command retries them (and only them):")
+        for item, reason in summary.failed:
+            echo(f"  {item.folder}/{item.label}/{item.number}.json: {reason}")
     if summary.degenerate:
         echo(f"No ranking for {len(summary.degenerate)} test images (see 'degenerate' in their records):")
         for line in summary.degenerate:
             echo(f"  {line}")
     return summary
+
+
+def _test_image(test_set, item) -> np.ndarray:
+    """(H, W, 3) uint8; an unreadable pixel buffer fails this test image only."""
+    try:
+        return np.array(test_set.images[item.row])
+    except (OSError, ValueError) as error:
+        raise ItemFailed(f"cannot read the test image: {error}") from error
+
+
+def _identity(item, test_id: str, names: dict) -> dict:
+    return {"test_id": test_id, "folder": item.folder, "label": item.label, "label_name": names.get(item.label),
+            "number": item.number}
 
 
 @contextlib.contextmanager
@@ -199,11 +235,15 @@ def _identities(train, test) -> Callable[[plan.WorkItem], dict]:
     def identity(item: plan.WorkItem) -> dict:
         if item not in cache:
             test_set = test.folder(item.folder)
-            pixels = np.ascontiguousarray(test_set.images[item.row])  # (H, W, 3) uint8
+            try:
+                pixels = np.ascontiguousarray(test_set.images[item.row])  # (H, W, 3) uint8
+                image_sha256 = hashlib.sha256(pixels.tobytes()).hexdigest()
+            except (OSError, ValueError):  # unreadable: the item fails when computed, and says why
+                image_sha256 = None
             cache[item] = {
                 "test_id": str(test_set.ids[item.row]),
                 "label": item.label,
-                "image_sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
+                "image_sha256": image_sha256,
                 "train_archive": train_fingerprint,
             }
         return cache[item]
@@ -237,11 +277,7 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
         "identity": identity,
         "degenerate": degenerate,
         "test_gradient_norm": explanation.gradient_norm,
-        "test_id": test_id,
-        "folder": item.folder,
-        "label": item.label,
-        "label_name": label_name,
-        "number": item.number,
+        **_identity(item, test_id, names),
         "predicted": explanation.predicted,
         "predicted_name": predicted_name,
         "test_loss": explanation.test_loss,

@@ -95,7 +95,7 @@ def item_seed(seed: int, item: WorkItem) -> tuple[int, ...]:
 
 def pending_items(
     output_dir: Path, items: list[WorkItem], save_format: str, fingerprint: dict, *, overwrite: bool = False,
-    identity: Callable[[WorkItem], dict] | None = None, mismatched: list | None = None,
+    identity: Callable[[WorkItem], dict] | None = None, mismatched: list | None = None, retry_failed: bool = True,
 ) -> list[WorkItem]:
     """The items still to compute, reading each item's record once.
 
@@ -105,6 +105,7 @@ def pending_items(
     item ``n`` describe another image when the test archive changed since (an image added
     before it), and every image when the training archive changed. Such items are computed
     again and appended to ``mismatched`` as ``(item, record)``.
+    An item whose record says it failed is computed again if ``retry_failed``, else left as it is.
     A record of other settings is refused (unless ``overwrite``): one output tree never
     mixes results of different settings.
     """
@@ -130,7 +131,10 @@ def pending_items(
             if mismatched is not None:
                 mismatched.append((item, record))
             continue
-        if not results.results_present(files):
+        if results.is_failure(record):
+            if retry_failed:
+                pending.append(item)
+        elif not results.results_present(files):
             pending.append(item)
     return pending
 
