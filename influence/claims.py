@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from influence import outputs
 from influence.errors import UserError
 
 TREE_FILE = ".influence-tree.json"
@@ -61,7 +62,7 @@ def create_exclusively(path: Path, payload: dict) -> bool:
     """Create ``path`` holding ``payload`` (JSON) if no file has that name; False if one has."""
     path = Path(path)
     text = json.dumps(payload, indent=1)
-    temporary = path.with_name(f".{path.name}.{_host()}-{os.getpid()}.tmp")
+    temporary = outputs.temporary_path(path)  # swept up by outputs.remove_stale_temporaries after a kill
     try:
         with open(temporary, "w") as stream:
             stream.write(text)
@@ -97,6 +98,7 @@ def claim_tree(output_dir: Path, fingerprint: dict, *, overwrite: bool = False) 
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    outputs.remove_stale_temporaries(output_dir)  # of a run killed while it claimed the tree
     path = output_dir / TREE_FILE
     mine = {"fingerprint": _comparable(fingerprint), "created_by": _holder()}
     for _ in range(50):  # an unreadable file may be one being created by the O_EXCL fallback
@@ -112,8 +114,6 @@ def claim_tree(output_dir: Path, fingerprint: dict, *, overwrite: bool = False) 
     if theirs == mine["fingerprint"]:
         return
     if overwrite:
-        from influence import outputs
-
         outputs.write_json(path, mine)
         return
     changed = describe_differences(theirs if isinstance(theirs, dict) else {}, mine["fingerprint"])
@@ -184,7 +184,7 @@ def claim_item(record: Path) -> tuple[Claim | None, dict | None]:
             continue  # released meanwhile: try again
         if not is_stale(holder, age):
             return None, holder
-        aside = path.with_name(f".{path.name}.stale-{_host()}-{os.getpid()}")
+        aside = outputs.temporary_path(path)
         try:
             os.rename(path, aside)
         except FileNotFoundError:

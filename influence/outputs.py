@@ -33,6 +33,12 @@ def _temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMPORARY_MARK}{_host()}-{os.getpid()}")
 
 
+def temporary_path(path: str | os.PathLike) -> Path:
+    """This process's temporary name for ``path``; :func:`remove_stale_temporaries` sweeps it up
+    once the process is gone."""
+    return _temporary_path(Path(path))
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -391,8 +391,9 @@ def test_resume_recomputes_outputs_of_another_test_image(tmp_path, workspace, fu
     assert out.count("in process") == 3  # orig/0 #1 (new), #2 (shifted), #3 (shifted); orig/1 and noisy kept
     records = {n: json.loads((tree / f"orig/0/{n}.json").read_text()) for n in (1, 2, 3)}
     assert [records[n]["test_id"] for n in (1, 2, 3)] == ["0/a_new.png", "0/img_0000.png", "0/img_0001.png"]
-    old = load_scores(output_dir)
-    assert np.load(tree / "orig/0/2.npy", allow_pickle=True).item() == old[("orig", 0, 1)]  # same image, same scores
+    before = json.loads((output_dir / "orig/0/1.json").read_text())  # img_0000, then the first
+    assert records[2]["test_loss"] == before["test_loss"] and records[2]["identity"] == before["identity"]
+    assert json.loads((tree / "noisy/2/1.json").read_text()) == json.loads((output_dir / "noisy/2/1.json").read_text())
 
 
 def test_two_runs_of_different_settings_on_one_tree(tmp_path, workspace):
