@@ -17,10 +17,12 @@ Modules, each with one job:
 - ``plan``      calculate.py's work items, shards and resume state
 - ``explain``   one test image's explanation: test gradient, s_test, scores
 - ``results``   the output tree (figures, score tables, records): the only code that reads or writes it
+- ``claims``    one writer per output tree: the tree's settings claim and per-image claims
 - ``job``       the orchestrator behind ``calculate.py``
 - ``figures``, ``outputs``, ``progress``   figures, atomic writes and progress bars
 - ``demo``      the built-in demo (``demo.py``)
-- ``cli``       what the three scripts share: error handling and quiet start-up
+- ``cli``       what the three scripts share: error handling, shared arguments and quiet start-up
+- ``interrupts``  Ctrl-C and SIGTERM handled once, by the main process, where it is safe
 """
 
 from influence.errors import UserError
