@@ -111,7 +111,10 @@ def cached_pipeline(model, train_path: Path, test_path: Path, cache_dir: Path, *
         began = time.perf_counter()
         curvature = solvers.TrainingCurvature.build(
             cut.head, variables, MinibatchSampler(features.FeatureSource(train_cache), HVP_BATCH), echo=echo)
-        prepared = solvers.LissaSolver(depth=depth, damping=0.01).prepare(curvature)
+        estimated = solvers.LissaSolver(depth=depth, damping=0.01).prepare(curvature).scale
+        # Random-weight VGG16's top-layer Hessian has a negative eigenvalue beyond damping x scale
+        # (LiSSA diverges at the estimated scale): twice the estimate, as the divergence message advises.
+        prepared = solvers.LissaSolver(depth=depth, damping=0.01, scale=2 * estimated).prepare(curvature)
         timings["scale"] = time.perf_counter() - began
         began = time.perf_counter()
         s_tests = []

@@ -9,6 +9,8 @@ Modules, each with one job:
 - ``prepare``   image folders -> archives (``prepare_data.py``, ``prepare_only_test.py``)
 - ``losses``, ``params``, ``hvp``, ``ihvp``, ``scores``   the influence engine
 - ``models``    classifier loading (VGG16 and saved Keras models)
+- ``features``  the cut below the selected layers: trunk/head models, scoring many test images at once
+- ``feature_cache``  the on-disk cache of the trunk's output (the only code that reads or writes it)
 - ``job``       the per-test-image batch job behind ``calculate.py``
 - ``figures``, ``outputs``, ``progress``   its figures, atomic writes and progress bars
 - ``demo``      the built-in demo (``demo.py``)

@@ -269,6 +269,24 @@ def find_cut(model: keras.Model, variables) -> Cut | None:
     return search_cut(model, variables)[0]
 
 
+MODES = ("auto", "on", "off")
+
+
+def choose_cut(mode: str, model: keras.Model, variables, *, echo: Callable[..., None] = print) -> Cut | None:
+    """The cut to run on for ``--feature-cache mode``: ``auto`` (the cut if there is one, else
+    the whole model, saying why), ``on`` (a cut or a :class:`UserError`), ``off`` (None)."""
+    if mode not in MODES:
+        raise UserError(f"--feature-cache {mode!r}: valid: {', '.join(MODES)}")
+    if mode == "off":
+        return None
+    cut, how = search_cut(model, variables)
+    if cut is None and mode == "on":
+        raise UserError(f"--feature-cache on: {how}; select only layers above a single tensor "
+                        "(e.g. --last-layers 2) or use --feature-cache auto")
+    echo(f"Feature cache: {how}" if cut is not None else f"Feature cache off: {how}; running on the whole model")
+    return cut
+
+
 # -- features on disk ------------------------------------------------------------------------
 
 

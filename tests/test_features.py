@@ -19,6 +19,7 @@ import tensorflow as tf
 from cache_builders import cache_key as _key, numpy_trunk as _numpy_trunk, open_cache as _open
 from engine_models import image_data, mlp, small_cnn, tabular_data
 from influence import archive, feature_cache, features, hvp, models, params, scores, solvers
+from influence.errors import UserError
 from influence.sampling import ArchiveSource, MinibatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,3 +321,16 @@ def test_float16_cache_reads_back_within_float16_precision(tmp_path):
             feature_cache.build_cache(tmp_path / "big.h5", key, labels=labels, feature_shape=(3,),
                                       read_images=train.read, features_fn=lambda im: _numpy_trunk(im) * 1e6,
                                       dtype="float16")
+
+
+def test_feature_cache_modes():
+    model = small_cnn()
+    lines = []
+    assert features.choose_cut("off", model, params.select(model, layers="predictions"), echo=lines.append) is None
+    assert features.choose_cut("auto", model, params.select(model, layers="predictions"), echo=lines.append).layer == "fc"
+    assert features.choose_cut("auto", model, params.select(model, layers="conv"), echo=lines.append) is None
+    assert "running on the whole model" in lines[-1]
+    with pytest.raises(UserError, match="reads the model's input"):
+        features.choose_cut("on", model, params.select(model, layers="conv"))
+    with pytest.raises(UserError, match="valid: auto, on, off"):
+        features.choose_cut("yes", model, params.select(model))
