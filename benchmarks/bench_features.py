@@ -112,9 +112,10 @@ def cached_pipeline(model, train_path: Path, test_path: Path, cache_dir: Path, *
         curvature = solvers.TrainingCurvature.build(
             cut.head, variables, MinibatchSampler(features.FeatureSource(train_cache), HVP_BATCH), echo=echo)
         estimated = solvers.LissaSolver(depth=depth, damping=0.01).prepare(curvature).scale
-        # Random-weight VGG16's top-layer Hessian has a negative eigenvalue beyond damping x scale
-        # (LiSSA diverges at the estimated scale): twice the estimate, as the divergence message advises.
-        prepared = solvers.LissaSolver(depth=depth, damping=0.01, scale=2 * estimated).prepare(curvature)
+        # Random-weight VGG16's top-layer Hessian is indefinite: with damping 0.01, LiSSA passes its
+        # divergence bound within 30 steps at 1x and 2x the estimated scale, not at 4x; 8x leaves a margin. The run's
+        # cost does not depend on the scale; this benchmark times it.
+        prepared = solvers.LissaSolver(depth=depth, damping=0.01, scale=8 * estimated).prepare(curvature)
         timings["scale"] = time.perf_counter() - began
         began = time.perf_counter()
         s_tests = []

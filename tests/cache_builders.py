@@ -17,10 +17,10 @@ def cache_key(train_path, *, model="m1", preprocess="unit") -> dict:
             "dtype": "float32", "archive": archive.content_digest(train_path)}
 
 
-def open_cache(train_path, cache_dir, messages=None, *, trunk=numpy_trunk, **key_fields):
+def open_cache(train_path, cache_dir, messages=None, *, trunk=numpy_trunk, echo=None, **key_fields):
     key = cache_key(train_path, **key_fields)
     with archive.open_train(train_path) as train:
         return feature_cache.open_or_build(
             feature_cache.cache_path(cache_dir, stem="train", key=key), key, labels=train.labels, feature_shape=(3,),
             read_images=train.read, features_fn=trunk, batch_size=5,
-            echo=(messages.append if messages is not None else (lambda *a, **k: None)))
+            echo=echo or (messages.append if messages is not None else (lambda *a, **k: None)))

@@ -252,53 +252,68 @@ def test_a_truncated_or_foreign_cache_file_is_rebuilt_not_read(tmp_path):
 
 _BUILDER = textwrap.dedent("""
     import hashlib, sys, time
-    import numpy as np
+    from pathlib import Path
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     from cache_builders import numpy_trunk, open_cache
-    def slow(images):
+    go = Path({go!r})
+    def held_trunk(images):  # the build stops at its first batch until the test says go
         print("batch", flush=True)
-        time.sleep({delay})
+        deadline = time.monotonic() + 60
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         return numpy_trunk(images)
-    cache = open_cache({train!r}, {cache_dir!r}, trunk=slow)
+    cache = open_cache({train!r}, {cache_dir!r}, trunk=held_trunk, echo=lambda *a, **k: print(*a, flush=True))
     data = cache.read(0, len(cache))
     print(cache.status, hashlib.sha256(data.tobytes()).hexdigest(), flush=True)
 """)
 
 
-def _builder(tmp_path, delay: float) -> subprocess.Popen:
-    script = _BUILDER.format(root=str(ROOT), tests=str(ROOT / "tests"), delay=delay,
-                             train=str(tmp_path / "train.npz"), cache_dir=str(tmp_path))
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def _builder(tmp_path, name: str) -> tuple[subprocess.Popen, Path]:
+    script = _BUILDER.format(root=str(ROOT), tests=str(ROOT / "tests"), go=str(tmp_path / "go"),
+                             train=str(tmp_path / "train.npz"), cache_dir=str(tmp_path / "cache"))
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return process, log
+
+
+def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 def test_two_processes_building_the_same_cache_one_builds_the_other_waits(tmp_path):
     images, _ = _write_train(tmp_path / "train.npz")
-    processes = [_builder(tmp_path, 0.4), _builder(tmp_path, 0.4)]  # 4 batches of 5: 1.6 s of building
+    started = [_builder(tmp_path, name) for name in ("first", "second")]  # at once
+    logs = [log for _, log in started]
+    # One holds the lock and is building (its first batch); the other must be blocked on the lock.
+    _wait_for(lambda: any("batch" in log.read_text() for log in logs)
+              and any("Waiting for pid" in log.read_text() for log in logs), "one builder and one waiter")
+    (tmp_path / "go").touch()
     results = []
-    for process in processes:
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err
-        results.append(out.split()[-2:])
-    statuses = sorted(status for status, _ in results)
-    assert statuses == ["built", "waited"], results
+    for process, log in started:
+        assert process.wait(timeout=120) == 0, log.read_text()
+        results.append(log.read_text().split()[-2:])
+    assert sorted(status for status, _ in results) == ["built", "waited"], results
     expected = hashlib.sha256(_numpy_trunk(images).tobytes()).hexdigest()
     assert results[0][1] == results[1][1] == expected
 
 
 def test_a_killed_build_leaves_nothing_a_later_run_trusts(tmp_path):
     images, _ = _write_train(tmp_path / "train.npz")
-    process = _builder(tmp_path, 5.0)
-    assert process.stdout.readline().strip() == "batch"  # the build is under way
-    time.sleep(0.3)
+    process, log = _builder(tmp_path, "killed")
+    _wait_for(lambda: "batch" in log.read_text(), "the build to start")  # its temporary file is open
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    key = _key(tmp_path / "train.npz")
-    final = feature_cache.cache_path(tmp_path, stem="train", key=key)
+    cache_dir = tmp_path / "cache"
+    final = feature_cache.cache_path(cache_dir, stem="train", key=_key(tmp_path / "train.npz"))
     assert not final.exists()
-    leftovers = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    leftovers = [p for p in cache_dir.iterdir() if ".tmp-" in p.name]
     assert leftovers  # the killed builder's temporary, never under the final name
-    rebuilt = _open(tmp_path / "train.npz", tmp_path)  # the lock died with the builder: no wait
+    rebuilt = _open(tmp_path / "train.npz", cache_dir)  # the lock died with the builder: no wait
     assert rebuilt.status == "built"
     np.testing.assert_array_equal(rebuilt.read(0, len(rebuilt)), _numpy_trunk(images))
     assert not any(p.exists() for p in leftovers)  # swept up by the next builder
