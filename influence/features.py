@@ -81,8 +81,8 @@ class _Graph:
     def __init__(self, model):
         graph = _functional(model)
         if graph is None:
-            raise _NoGraph(f"model {model.name!r} is not a Sequential or functional Keras model "
-                           "(a subclassed model's graph cannot be read)")
+            raise _NoGraph(f"model {model.name!r} has no functional graph to read (a subclassed model, "
+                           "or a Sequential model built without keras.Input)")
         self.steps: list[_Step] = []
         self.tensors: dict[Key, object] = {}  # key -> KerasTensor (shape, dtype)
         self._alias: dict[Key, Key] = {}

@@ -113,6 +113,23 @@ def test_no_cut_when_a_branch_from_the_input_goes_around_every_tensor():
     assert features.find_cut(model, params.select(model, layers="out")).layer == "cat"  # above the join
 
 
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.hidden = keras.layers.Dense(4, activation="tanh", name="hidden")
+        self.out = keras.layers.Dense(3, name="out")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def test_no_cut_in_a_subclassed_model_and_the_reason_says_so():
+    model = _Subclassed()
+    model(tabular_data(2)[0])
+    cut, why = features.search_cut(model, params.select(model, layers="out"))
+    assert cut is None and "no functional graph" in why
+
+
 # -- archives for the cache tests -------------------------------------------------------------
 
 
@@ -160,7 +177,7 @@ def test_cached_lissa_and_scores_equal_the_whole_models(tmp_path):
     _write_train(tmp_path / "train.npz")
     test_images, test_labels = _write_test(tmp_path / "test.npz")
     cut = features.find_cut(model, variables)
-    solver = solvers.LissaSolver(depth=25, damping=0.01, scale=20.0)
+    solver = solvers.LissaSolver(depth=15, damping=0.01, scale=20.0)
     echo = lambda *a, **k: None  # noqa: E731
     with archive.open_train(tmp_path / "train.npz") as train, archive.open_test(tmp_path / "test.npz") as test:
         # The whole model on preprocessed images.
