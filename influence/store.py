@@ -458,9 +458,11 @@ def _from_parts(parts: list[_Part], allow_missing: bool) -> tuple[Header, list[O
                 f"remove the stale part or recompute its shard with the same settings"
             )
         if part.plan != first.plan or part.shard[1] != first.shard[1]:
+            why = "their plans differ" if part.plan != first.plan else (
+                f"split into {part.shard[1]} and {first.shard[1]} shards")
             raise UserError(
-                f"{part.path} (shard {part.shard[0]}/{part.shard[1]}) belongs to another job than {first.path} "
-                f"(shard {first.shard[0]}/{first.shard[1]}): their plans differ; remove the stale parts"
+                f"{part.path.name} and {first.path.name} in {part.path.parent} belong to different jobs ({why}); "
+                f"remove the stale parts"
             )
     found: dict[tuple, list[Path]] = {}
     by_key: dict[tuple, Outcome] = {}
@@ -508,7 +510,7 @@ def finish_run(output_dir, *, train, test, planned: list, shard: tuple[int, int]
     from influence import pages
 
     part = write_part(output_dir, train=train, planned=planned, shard=shard)
-    echo(f"This shard's results -> {part}")
+    echo(f"Results of shard {shard[0]}/{shard[1]} for {STORE_NAME} -> {part}")
     try:
         assemble(output_dir, train=train, test=test, echo=echo)
     except UserError as error:

@@ -180,7 +180,7 @@ def test_collect_refuses_a_part_computed_with_other_settings(workspace, two_part
     assert (tree_copy / "results.h5").read_bytes() == before
 
 
-def test_collect_reports_missing_and_duplicated_test_images(workspace, two_parts):
+def test_collect_reports_missing_and_duplicated_test_images(workspace, tree, two_parts):
     tree_copy = copy_results(two_parts, workspace / "missing", keep_store=True)
     (tree_copy / "parts" / "shard-1-of-2.h5").unlink()  # shard 1/2 holds items 2 and 4 of the plan
     result = collect(tree_copy, workspace)
@@ -197,6 +197,13 @@ def test_collect_reports_missing_and_duplicated_test_images(workspace, two_parts
     result = collect(duplicated, workspace)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "2 test images are in more than one part: orig/0/1, orig/1/1" in result.stderr
+
+    # An unsharded rerun's part next to the two shards' parts: two jobs in one tree.
+    mixed = copy_results(two_parts, workspace / "mixed", keep_store=True)
+    shutil.copy(tree[0] / "parts" / "shard-0-of-1.h5", mixed / "parts")
+    result = collect(mixed, workspace)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "belong to different jobs (split into 2 and 1 shards); remove the stale parts" in result.stderr
 
 
 @pytest.fixture(scope="module")
