@@ -151,15 +151,11 @@ def iter_folder(output_dir: str | Path, folder: str) -> Iterator[dict]:
 
 
 # --------------------------------------------------------------------------- reading for the store
-# A record with ``"status": "failed"`` and a ``"reason"`` marks a test image that could not be
-# explained (it has no figures and no score table). Older trees have none.
-
-FAILED = "failed"
 
 
 def failure_reason(record: dict) -> str | None:
-    """Why the record's test image failed, or None when the record is a result."""
-    if record.get("status") != FAILED:
+    """Why the record's test image failed (:func:`write_failure`), or None when it is a result."""
+    if not is_failure(record):
         return None
     return str(record.get("reason") or "no reason recorded")
 

@@ -38,15 +38,14 @@ def run_job(root: Path, output_dir: Path, **scoring):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from influence import archive
+    from influence import archive, prepare
 
     root = tmp_path_factory.mktemp("store")
     make_class_folders(root / "train", TRAIN_CLASSES, size=(SIZE, SIZE))
     make_class_folders(root / "orig", {"0": 2, "1": 1}, size=(SIZE, SIZE), class_indices={"0": 0, "1": 1})
     make_class_folders(root / "noisy", {"2": 1}, size=(SIZE, SIZE), class_indices={"2": 2})
-    prepared = run_script("prepare_data.py", "-tr", root / "train", "-ts", root / "orig", root / "noisy",
-                          "-o", root, "--image-size", str(SIZE), "-bs", "4")
-    assert prepared.returncode == 0, prepared.stderr
+    prepare.prepare_data(train=root / "train", tests=[root / "orig", root / "noisy"], out_dir=root,
+                         image_size=(SIZE, SIZE), batch_size=4, workers=1)
     with archive.open_train(root / "train.npz") as train:
         save_tiny_classifier(root / "model.keras", train.read(np.arange(len(train))).astype("float32"),
                              np.asarray(train.labels))
@@ -209,15 +208,14 @@ def test_collect_reports_missing_and_duplicated_test_images(workspace, tree, two
 @pytest.fixture(scope="module")
 def with_failure(workspace, tree):
     """The tree with one test image failed (a failure record, no figures or scores), collected."""
+    from influence import results
+
     output_dir, _ = tree
     failed = copy_results(output_dir, workspace / "failed")
-    record_path = failed / "orig" / "0" / "2.json"
-    record = json.loads(record_path.read_text())
-    for name in ("2.npy", "harmful_2.png", "useful_2.png"):
-        (failed / "orig" / "0" / name).unlink()
-    record_path.write_text(json.dumps({"status": "failed", "reason": "LiSSA diverged (norm 3e+12 at step 4)",
-                                       "test_id": record["test_id"], "folder": "orig", "label": 0, "number": 2,
-                                       "settings": record["settings"]}))
+    files = results.item_files(failed, "orig", 0, 2, "png")
+    record = json.loads(files.record.read_text())
+    results.write_failure(files, reason="LiSSA diverged (norm 3e+12 at step 4)", record={
+        key: record[key] for key in ("test_id", "folder", "label", "label_name", "number", "settings", "versions")})
     result = collect(failed, workspace)
     assert result.returncode == 0, result.stderr
     assert "3 results, 1 failed, 0 missing" in result.stdout
