@@ -170,7 +170,7 @@ def _record_outcome(output_dir: Path, key, archive_row: int, *, train, lookup: _
 def _gather_records(output_dir: Path, keys_rows: list[tuple[tuple, int]], *, train) -> tuple[Header, list[Outcome]]:
     """Outcomes of ``keys_rows`` from the per-image files; every record must share one fingerprint."""
     lookup = _TrainingIds(train)
-    outcomes, header, first_path = [], None, None
+    outcomes, header, first_path, settings_from_failure = [], None, None, False
     versions: dict[str, dict] = {}
     for key, archive_row in keys_rows:
         outcome, record = _record_outcome(output_dir, key, archive_row, train=train, lookup=lookup)
@@ -189,8 +189,9 @@ def _gather_records(output_dir: Path, keys_rows: list[tuple[tuple, int]], *, tra
                 f"{output_dir} mixes results of different settings: {_name(key)} and {first_path} differ in "
                 f"{', '.join(_differences(header.fingerprint or {}, fingerprint or {}))}"
             )
-        if outcome.status == DONE and not header.settings:
-            header.settings = record.get("settings") or {}
+        if not header.settings or (outcome.status == DONE and settings_from_failure):
+            # A result's settings name the model and solver it used; a failure's, only the knobs.
+            header.settings, settings_from_failure = record.get("settings") or {}, outcome.status != DONE
         if record.get("versions"):
             versions[json.dumps(record["versions"], sort_keys=True)] = record["versions"]
     header = header or Header(None)
@@ -488,7 +489,7 @@ def _from_parts(parts: list[_Part], allow_missing: bool) -> tuple[Header, list[O
         raise UserError(
             f"{len(missing)} of {len(planned)} planned test images have no result: {_listing(missing)} "
             f"(shard {', '.join(f'{i}/{count}' for i in shards)}); run or finish those shards, "
-            f"or pass --allow-missing to assemble what is there"
+            f"or assemble what is there with collect.py --allow-missing"
         )
     rows = dict(first.plan)
     outcomes = [by_key.get(key) or Outcome(*key, MISSING, archive_row=rows[key]) for key in planned]
@@ -509,13 +510,14 @@ def finish_run(output_dir, *, train, test, planned: list, shard: tuple[int, int]
     assembled (another shard still runs, say: the line echoed says why)."""
     from influence import pages
 
-    part = write_part(output_dir, train=train, planned=planned, shard=shard)
-    echo(f"Results of shard {shard[0]}/{shard[1]} for {STORE_NAME} -> {part}")
     try:
+        part = write_part(output_dir, train=train, planned=planned, shard=shard)
+        echo(f"Results of shard {shard[0]}/{shard[1]} for {STORE_NAME} -> {part}")
         assemble(output_dir, train=train, test=test, echo=echo)
-    except UserError as error:
-        echo(f"{STORE_NAME} not assembled: {error}")
+        front = pages.build(output_dir, train=train, test=test, top=top)
+    except (UserError, OSError) as error:
+        # The per-image results are written and stay valid: say why the table is not, never fail the run.
+        echo(f"{STORE_NAME} and the pages not rebuilt: {error}")
         return None
-    front = pages.build(output_dir, train=train, test=test, top=top)
     echo(f"Browse the results: {front}")
     return front

@@ -213,7 +213,7 @@ def test_shards_cover_all_work_once_with_identical_scores(workspace, full_run):
         assert result.returncode == 0, result.stderr
         assert f"of {2} in this shard" in result.stdout
         if index == 0:  # shard 1/2 has not run yet: nothing to assemble
-            assert "results.h5 not assembled: 2 of 4 planned test images have no result" in result.stdout
+            assert "results.h5 and the pages not rebuilt: 2 of 4 planned test images have no result" in result.stdout
     assert result_files(sharded) == result_files(output_dir)
     full, parts = load_scores(output_dir), load_scores(sharded)
     for key in EXPECTED_ITEMS:
