@@ -19,7 +19,7 @@ Three parts, printed as tables (no assertions):
 3. **Memory**: peak RSS (VmHWM) of a fresh process that builds the cache, runs 30 LiSSA
    steps and scores every training image, at 1x and 10x the images.
 
-    python benchmarks/bench_features.py                   # all three, about 10 minutes on 2 CPU cores
+    python benchmarks/bench_features.py                   # all three: 35 minutes on 2 heavily loaded CPU cores
     python benchmarks/bench_features.py --skip-vgg16 --images 2000   # the scale parts only, smaller
 """
 
