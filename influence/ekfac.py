@@ -361,7 +361,7 @@ class FittedFactors:
     left_out: list[dict]
     sample_size: int
     fit_seconds: float
-    pseudo_labels: np.ndarray | None = None  # (sample_size,) in sample order; not stored in the file
+    pseudo_labels: np.ndarray | None = None  # (label_draws, sample_size) in sample order; not stored in the file
     indices: np.ndarray | None = None  # (sample_size,) sorted training indices of the sample
 
     @property
@@ -379,12 +379,13 @@ def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_factors(model, blocks: list[LayerBlock], source, *, indices: np.ndarray, batch_size: int, seed: int,
-                max_factor_dim: int, dtype: str = "float32", echo: Callable[..., None] = print,
-                progress: bool = True) -> FittedFactors:
+                max_factor_dim: int, label_draws: int = 1, dtype: str = "float32",
+                echo: Callable[..., None] = print, progress: bool = True) -> FittedFactors:
     """Fit EK-FAC on the training examples ``indices`` (sorted) of ``source``.
 
     Two passes in minibatches of ``batch_size`` (module docstring); ``seed`` draws the
-    pseudo-labels; layers with a side above ``max_factor_dim`` are left out; bases and
+    pseudo-labels, ``label_draws`` of them per example (each draw costs a forward and a
+    backward pass per pass; every moment is a mean over all drawn pairs); layers with a side above ``max_factor_dim`` are left out; bases and
     eigenvalues are kept in ``dtype`` (covariances and eigendecompositions in float64).
     """
     began = time.perf_counter()
@@ -402,39 +403,43 @@ def fit_factors(model, blocks: list[LayerBlock], source, *, indices: np.ndarray,
         raise UserError(f"every selected layer has a factor side above max_factor_dim={max_factor_dim}; "
                         "select smaller layers with --layers or raise --max-factor-dim")
     batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
-    bar = progress_bar(total=2 * len(batches) + len(fitted), desc="EK-FAC fit", unit="step", disable=not progress)
+    draws = label_draws * len(indices)  # sampled (example, label) pairs
+    bar = progress_bar(total=2 * len(batches) * label_draws + len(fitted), desc="EK-FAC fit", unit="step",
+                       disable=not progress)
     try:
         sums_a = [np.zeros((b.d_a, b.d_a)) for b in fitted]
         sums_s = [np.zeros((b.d_out, b.d_out)) for b in fitted]
-        positions, labels = 0, []
-        for number, batch in enumerate(batches):
-            batch_labels, batch_a, batch_s, batch_positions = batch_covariances(
-                model, fitted, source.take(batch), seed=(seed, FIT_STREAM * 1_000_003 + number))
-            labels.append(batch_labels)
-            for total, part in zip(sums_a, batch_a):
-                total += part
-            for total, part in zip(sums_s, batch_s):
-                total += part
-            positions += np.asarray(batch_positions) * len(batch)
-            bar.update()
-        labels = np.concatenate(labels)
+        positions, labels = 0, np.zeros((label_draws, len(indices)), np.int64)
+        for number, (batch, start) in enumerate(zip(batches, range(0, len(indices), batch_size))):
+            x = source.take(batch)
+            for draw in range(label_draws):
+                batch_labels, batch_a, batch_s, batch_positions = batch_covariances(
+                    model, fitted, x, seed=(seed, (FIT_STREAM << 40) + number * 1024 + draw))
+                labels[draw, start:start + len(batch)] = batch_labels
+                for total, part in zip(sums_a, batch_a):
+                    total += part
+                for total, part in zip(sums_s, batch_s):
+                    total += part
+                positions += np.asarray(batch_positions) * len(batch)
+                bar.update()
         bases_a, bases_s, values_a, values_s = [], [], [], []
         for block, total_a, total_s, count in zip(fitted, sums_a, sums_s, positions):
             value_a, basis_a = _eigh(total_a / count)  # mean over examples and positions
-            value_s, basis_s = _eigh(total_s / len(indices))  # mean over examples, summed over positions
+            value_s, basis_s = _eigh(total_s / draws)  # mean over examples, summed over positions
             bases_a.append(basis_a), bases_s.append(basis_s), values_a.append(value_a), values_s.append(value_s)
             bar.update()
         corrections = [np.zeros((b.d_a, b.d_out)) for b in fitted]
         for batch, start in zip(batches, range(0, len(indices), batch_size)):
-            parts = batch_corrections(model, fitted, source.take(batch), labels[start:start + len(batch)],
-                                      bases_a, bases_s)
-            for total, part in zip(corrections, parts):
-                total += part
-            bar.update()
+            x = source.take(batch)
+            for draw in range(label_draws):
+                parts = batch_corrections(model, fitted, x, labels[draw, start:start + len(batch)], bases_a, bases_s)
+                for total, part in zip(corrections, parts):
+                    total += part
+                bar.update()
     finally:
         bar.close()
     layers = [LayerFactors(block, basis_a.astype(dtype), basis_s.astype(dtype),
-                           (correction / len(indices)).astype(dtype), value_a, value_s)
+                           (correction / draws).astype(dtype), value_a, value_s)
               for block, basis_a, basis_s, correction, value_a, value_s
               in zip(fitted, bases_a, bases_s, corrections, values_a, values_s)]
     return FittedFactors(layers, left_out, len(indices), time.perf_counter() - began, labels, np.asarray(indices))
@@ -500,7 +505,8 @@ class EkfacSolver:
     ``damping``: Tikhonov damping; with ``damping_mode="relative"`` a multiple of the mean
     corrected eigenvalue (``trace(G) / n_parameters``), with ``"absolute"`` the number itself.
     ``samples``: training examples the factors are fitted on (None: all), drawn once per
-    run from ``seed``; ``batch_size``: examples per pass of the fit (memory: a batch's
+    run from ``seed``; ``label_draws``: pseudo-labels drawn per example (more lowers the
+    Monte-Carlo noise of the Fisher, which matters on small training sets); ``batch_size``: examples per pass of the fit (memory: a batch's
     convolution patches); ``max_factor_dim``: layers with a larger factor side are left out;
     ``dtype``: precision of the stored bases and eigenvalues and of every solve.
     ``cache_path``: the factor file (.npz) to reuse and to write; ``cache_key``: JSON-ready
@@ -511,6 +517,7 @@ class EkfacSolver:
     damping: float = 0.1
     damping_mode: str = "relative"
     samples: int | None = None
+    label_draws: int = 1
     batch_size: int = 8
     max_factor_dim: int = 8192
     dtype: str = "float32"
@@ -527,6 +534,8 @@ class EkfacSolver:
              f"damping mode must be one of {', '.join(DAMPING_MODES)}, not {self.damping_mode!r}"),
             (self.samples is None or (isinstance(self.samples, int) and self.samples >= 1),
              f"samples must be a whole number of at least 1 (or None: all), not {self.samples!r}"),
+            (isinstance(self.label_draws, int) and 1 <= self.label_draws <= 1024,
+             f"label draws must be a whole number from 1 to 1024, not {self.label_draws!r}"),
             (isinstance(self.batch_size, int) and self.batch_size >= 1,
              f"batch size must be a whole number of at least 1, not {self.batch_size!r}"),
             (isinstance(self.max_factor_dim, int) and self.max_factor_dim >= 1,
@@ -543,7 +552,7 @@ class EkfacSolver:
 
     def fit_settings(self) -> dict:
         """What decides the factors (damping does not: it is applied afterwards)."""
-        return {"samples": self.samples, "batch_size": self.batch_size, "max_factor_dim": self.max_factor_dim,
+        return {"samples": self.samples, "label_draws": self.label_draws, "batch_size": self.batch_size, "max_factor_dim": self.max_factor_dim,
                 "dtype": self.dtype, "seed": self.seed}
 
     def prepare(self, curvature: TrainingCurvature, *, cache_path: str | Path | None = None,
@@ -572,7 +581,8 @@ class EkfacSolver:
                 curvature.echo(f"EK-FAC factors in {cache_path} not used: {why}; refitting")
         if factors is None:
             factors = fit_factors(model, blocks, source, indices=indices, batch_size=self.batch_size, seed=int(seed),
-                                  max_factor_dim=self.max_factor_dim, dtype=self.dtype, echo=curvature.echo,
+                                  max_factor_dim=self.max_factor_dim, label_draws=self.label_draws,
+                                  dtype=self.dtype, echo=curvature.echo,
                                   progress=progress)
             if cache_path is not None:
                 save_factors(cache_path, factors, key)
@@ -599,7 +609,7 @@ class PreparedEkfac:
             "effective_damping": self.damping, "mean_eigenvalue": mean,
             "layers_fitted": [layer.block.name for layer in factors.layers],
             "layers_left_out": factors.left_out,
-            "sample_size": factors.sample_size, "fit_seconds": factors.fit_seconds,
+            "sample_size": factors.sample_size, "label_draws": solver.label_draws, "fit_seconds": factors.fit_seconds,
             "factors_reused": reused, "factors_file": factors_file, "prepare_seconds": prepare_seconds,
         }
 

@@ -22,11 +22,11 @@ from influence.errors import UserError
 TOLERANCE = 1e-6  # float64 fits against float64 references
 
 
-def _fit(model, x, y, *, batch_size=7, seed=0, variables=None):
+def _fit(model, x, y, *, batch_size=7, seed=0, variables=None, label_draws=1):
     variables = params.select(model) if variables is None else variables
     blocks = ekfac.layer_blocks(model, variables)
     factors = ekfac.fit_factors(model, blocks, sampling.ArraySource(x, y), indices=np.arange(len(y)),
-                                batch_size=batch_size, seed=seed, max_factor_dim=10_000, dtype="float64",
+                                batch_size=batch_size, seed=seed, max_factor_dim=10_000, label_draws=label_draws, dtype="float64",
                                 echo=lambda *a, **k: None, progress=False)
     return variables, factors
 
@@ -65,18 +65,19 @@ def _check_correction(layer, per_example_matrices):
 def test_dense_factors_and_correction_match_per_example_gradients():
     model = mlp(softmax=True)
     x, y = tabular_data(23)
-    variables, factors = _fit(model, x, y)
+    variables, factors = _fit(model, x, y, label_draws=2)  # moments are means over both draws
     labels = factors.pseudo_labels
-    assert labels.shape == (23,) and set(labels) <= {0, 1, 2}
-    grads = _split(per_example_gradients(model, variables, x, labels), variables)  # with the fit's own labels
+    assert labels.shape == (2, 23) and set(labels.ravel()) <= {0, 1, 2} and np.any(labels[0] != labels[1])
+    grads = [np.concatenate(parts) for parts in zip(*[  # (2N, ...) per variable, with the fit's own labels
+        _split(per_example_gradients(model, variables, x, draw), variables) for draw in labels])]
 
     w1, b1 = (np.asarray(w, np.float64) for w in model.get_layer("hidden").get_weights())
     inputs = {"hidden": x.astype(np.float64), "predictions": np.tanh(x @ w1 + b1)}
     for layer, (kernel, bias) in zip(factors.layers, [(grads[0], grads[1]), (grads[2], grads[3])]):
         a = np.concatenate([inputs[layer.block.name], np.ones((23, 1))], axis=1)  # (N, d_a)
-        g = bias  # (N, d_out): for a Dense layer the bias gradient is dL_i/ds_i
+        g = bias  # (2N, d_out): for a Dense layer the bias gradient is dL_i/ds_i
         _close(_reconstruct(layer.activation_basis, layer.activation_covariance_eigenvalues), a.T @ a / 23)
-        _close(_reconstruct(layer.gradient_basis, layer.gradient_covariance_eigenvalues), g.T @ g / 23)
+        _close(_reconstruct(layer.gradient_basis, layer.gradient_covariance_eigenvalues), g.T @ g / 46)
         _check_correction(layer, np.concatenate([kernel, bias[:, None, :]], axis=1))
 
 
@@ -128,7 +129,7 @@ def test_conv_factors_and_correction_match_explicit_gradients():
     x, y = image_data(9, size=6)
     x = x[..., :2]
     variables, factors = _fit(model, x, y, batch_size=4)
-    conv, labels = factors.layers[0], factors.pseudo_labels
+    conv, labels = factors.layers[0], factors.pseudo_labels[0]
     kernel, bias = (tf.constant(w) for w in model.get_layer("conv").get_weights())
 
     # Pre-activation gradients per position from a hand-written forward pass (tf.nn.conv2d).
@@ -198,7 +199,7 @@ def test_ekfac_approaches_the_gauss_newton_matrix_of_a_softmax_layer():
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     a = np.concatenate([x, np.ones((count, 1))], axis=1)
-    per_example = np.einsum("ni,nm->nim", a, p - np.eye(3)[factors.pseudo_labels]).reshape(count, -1)
+    per_example = np.einsum("ni,nm->nim", a, p - np.eye(3)[factors.pseudo_labels[0]]).reshape(count, -1)
     sampled_fisher = per_example.T @ per_example / count
 
     def error(matrix, reference):
