@@ -8,6 +8,7 @@ Modules, each with one job:
 - ``decode``    Pillow decoding to RGB uint8, in parallel and in order
 - ``prepare``   image folders -> archives (``prepare_data.py``, ``prepare_only_test.py``)
 - ``losses``, ``params``, ``hvp``, ``ihvp``, ``scores``   the influence engine
+- ``ekfac``     EK-FAC: Gauss-Newton curvature fitted once per run, a solver for every test image
 - ``models``    classifier loading (VGG16 and saved Keras models)
 - ``job``       the per-test-image batch job behind ``calculate.py``
 - ``figures``, ``outputs``, ``progress``   its figures, atomic writes and progress bars
