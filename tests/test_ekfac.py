@@ -26,7 +26,8 @@ def _fit(model, x, y, *, batch_size=7, seed=0, variables=None, label_draws=1):
     variables = params.select(model) if variables is None else variables
     blocks = ekfac.layer_blocks(model, variables)
     factors = ekfac.fit_factors(model, blocks, sampling.ArraySource(x, y), indices=np.arange(len(y)),
-                                batch_size=batch_size, seed=seed, max_factor_dim=10_000, label_draws=label_draws, dtype="float64",
+                                batch_size=batch_size, seed=seed, max_factor_dim=10_000, label_draws=label_draws,
+                                dtype="float64",
                                 echo=lambda *a, **k: None, progress=False)
     return variables, factors
 
@@ -157,8 +158,8 @@ def test_solve_matches_a_dense_solve_with_the_same_approximation(mode):
     model = mlp(softmax=True, regularise=l2)  # L2 on the hidden kernel only: its bias row takes Woodbury
     x, y = tabular_data(30)
     variables = params.select(model)
-    prepared = ekfac.EkfacSolver(damping=damping, damping_mode=mode, dtype="float64", batch_size=16).prepare(
-        _curvature(model, x, y), progress=False)
+    solver = ekfac.EkfacSolver(label_draws=1, damping=damping, damping_mode=mode, dtype="float64", batch_size=16)
+    prepared = solver.prepare(_curvature(model, x, y), progress=False)
     v = random_vector(variables)
     s_test = prepared.solve(v).s_test
 
@@ -223,18 +224,18 @@ def test_factor_file_is_reused_and_refitted_when_stale(tmp_path, monkeypatch):
     lines = []
     curvature = _curvature(model, x, y, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
     v = random_vector(curvature.variables)
-    solver = ekfac.EkfacSolver(damping=0.01, batch_size=8, dtype="float64")
+    solver = ekfac.EkfacSolver(label_draws=1, damping=0.01, batch_size=8, dtype="float64")
     first = solver.prepare(curvature, cache_path=path, cache_key={"model": "abc"}, progress=False)
     assert path.is_file() and not first.diagnostics["factors_reused"]
 
     fit = ekfac.fit_factors
     monkeypatch.setattr(ekfac, "fit_factors", lambda *a, **k: pytest.fail("refitted although the file fits"))
-    again = ekfac.EkfacSolver(damping=0.5, batch_size=8, dtype="float64").prepare(  # damping is not fitted
+    again = ekfac.EkfacSolver(label_draws=1, damping=0.5, batch_size=8, dtype="float64").prepare(  # not fitted
         curvature, cache_path=path, cache_key={"model": "abc"}, progress=False)
     assert again.diagnostics["factors_reused"]
     first_s, again_s = flat(first.solve(v).s_test), flat(again.solve(v).s_test)
     assert not np.allclose(first_s, again_s)  # other damping, same factors:
-    _close(flat(ekfac.EkfacSolver(damping=0.01, batch_size=8, dtype="float64").prepare(
+    _close(flat(ekfac.EkfacSolver(label_draws=1, damping=0.01, batch_size=8, dtype="float64").prepare(
         curvature, cache_path=path, cache_key={"model": "abc"}, progress=False).solve(v).s_test), first_s, 1e-12)
 
     fits = []
@@ -251,7 +252,7 @@ def test_factor_file_is_reused_and_refitted_when_stale(tmp_path, monkeypatch):
         else:
             path.write_bytes(b"not an npz file")
         before = len(fits)
-        prepared = ekfac.EkfacSolver(damping=0.01, batch_size=batch, dtype="float64").prepare(
+        prepared = ekfac.EkfacSolver(label_draws=1, damping=0.01, batch_size=batch, dtype="float64").prepare(
             curvature, cache_path=path, cache_key=key, progress=False)
         assert len(fits) == before + 1 and not prepared.diagnostics["factors_reused"], change
         assert "refitting" in lines[-2], (change, lines[-2:])
@@ -270,18 +271,20 @@ def test_unsupported_layers_are_refused_and_large_ones_left_out():
     x = x[..., :2]
     for layers, culprit in [("depthwise,predictions", "depthwise"), ("norm,predictions", "norm")]:
         with pytest.raises(UserError, match=f"Dense and Conv2D layers only.*'{culprit}'"):
-            ekfac.EkfacSolver().prepare(_curvature(model, x, y, params.select(model, layers)), progress=False)
+            ekfac.EkfacSolver(label_draws=1).prepare(_curvature(model, x, y, params.select(model, layers)),
+                                                     progress=False)
 
     chosen = params.select(model, "predictions")
-    prepared = ekfac.EkfacSolver(max_factor_dim=50, dtype="float64").prepare(
+    prepared = ekfac.EkfacSolver(label_draws=1, max_factor_dim=50, dtype="float64").prepare(
         _curvature(model, x, y, chosen), progress=False)
     assert prepared.diagnostics["layers_fitted"] == ["predictions"]
     small = mlp(softmax=True, hidden=60)  # hidden: d_out 60 > 50, predictions: d_a 61 > 50
     with pytest.raises(UserError, match="max_factor_dim=50"):
-        ekfac.EkfacSolver(max_factor_dim=50).prepare(_curvature(small, *tabular_data(10)), progress=False)
+        ekfac.EkfacSolver(label_draws=1, max_factor_dim=50).prepare(_curvature(small, *tabular_data(10)),
+                                                                    progress=False)
     wide = mlp(softmax=True, inputs=60, hidden=4)  # hidden: d_a 61 left out, predictions fitted
     x60, y60 = tabular_data(10, inputs=60)
-    prepared = ekfac.EkfacSolver(max_factor_dim=50, dtype="float64").prepare(
+    prepared = ekfac.EkfacSolver(label_draws=1, max_factor_dim=50, dtype="float64").prepare(
         _curvature(wide, x60, y60), progress=False)
     assert [entry["layer"] for entry in prepared.diagnostics["layers_left_out"]] == ["hidden"]
     s_test = prepared.solve(random_vector(params.select(wide))).s_test
