@@ -19,9 +19,9 @@ Three parts, each printing a table:
   how many planted label errors are among each method's top-5 harmful.
 - ``vgg16``: keras.applications.VGG16(weights=None), 224x224, all weights, a handful of
   random training images. EK-FAC's fit (one label draw; both passes and the
-  eigendecompositions) and its
-  solve per test gradient, against LiSSA steps at minibatch 8; LiSSA at depth 100 is
-  extrapolated from the best of ``--lissa-steps`` timed steps (100 x that step).
+  eigendecompositions) and its solve per test gradient, against LiSSA steps at minibatch 8;
+  LiSSA at depth 100 is extrapolated from the best of ``--lissa-steps`` timed steps
+  (100 x that step).
 
     python benchmarks/bench_ekfac.py --parts loo demo vgg16 --demo-dir /work/baseline_demo
 """

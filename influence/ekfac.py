@@ -571,8 +571,7 @@ class EkfacSolver:
     def fit_settings(self) -> dict:
         """What decides the factors (damping does not: it is applied afterwards)."""
         return {"samples": self.samples, "label_draws": self.label_draws, "batch_size": self.batch_size,
-                "max_factor_dim": self.max_factor_dim,
-                "dtype": self.dtype, "seed": self.seed}
+                "max_factor_dim": self.max_factor_dim, "dtype": self.dtype, "seed": self.seed}
 
     def prepare(self, curvature: TrainingCurvature, *, cache_path: str | Path | None = None,
                 cache_key: dict | None = None, progress: bool = True) -> "PreparedEkfac":
@@ -598,13 +597,15 @@ class EkfacSolver:
             if factors is not None:
                 reused = True
                 curvature.echo(f"EK-FAC factors reused from {cache_path}")
+                for entry in factors.left_out:
+                    curvature.echo(f"EK-FAC leaves out layer {entry['layer']!r} ({entry['reason']}); s_test is zero "
+                                   "on its weights")
             elif Path(cache_path).exists():
                 curvature.echo(f"EK-FAC factors in {cache_path} not used: {why}; refitting")
         if factors is None:
             factors = fit_factors(model, blocks, source, indices=indices, batch_size=self.batch_size, seed=int(seed),
-                                  max_factor_dim=self.max_factor_dim, label_draws=draws,
-                                  dtype=self.dtype, echo=curvature.echo,
-                                  progress=progress)
+                                  max_factor_dim=self.max_factor_dim, label_draws=draws, dtype=self.dtype,
+                                  echo=curvature.echo, progress=progress)
             if cache_path is not None:
                 save_factors(cache_path, factors, key)
                 curvature.echo(f"EK-FAC factors written to {cache_path}")
