@@ -67,7 +67,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from influence import hvp, losses, outputs, params
+from influence import losses, outputs, params
 from influence.errors import UserError
 from influence.progress import progress_bar
 from influence.solvers import Solution, TrainingCurvature
