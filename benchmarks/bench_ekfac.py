@@ -23,7 +23,11 @@ Three parts, each printing a table:
   LiSSA at depth 100 is extrapolated from the best of ``--lissa-steps`` timed steps
   (100 x that step).
 
+- ``vgg16-apply``: the solve alone on VGG16's factor shapes (random matrices for the bases:
+  the cost depends on the shapes only) against one Hessian-vector product at minibatch 8.
+
     python benchmarks/bench_ekfac.py --parts loo demo vgg16 --demo-dir /work/baseline_demo
+    python benchmarks/bench_ekfac.py --parts vgg16-apply --rounds 2 --lissa-steps 2
 """
 
 from __future__ import annotations
@@ -276,9 +280,54 @@ def part_vgg16(images: int, lissa_steps: int, rounds: int) -> None:
           f"fit / LiSSA-for-20: {fit[0] / (2000 * step[0]):.3f} wall, {fit[1] / (2000 * step[1]):.3f} CPU")
 
 
+def part_vgg16_apply(rounds: int, lissa_steps: int) -> None:
+    """The solve alone on VGG16's factor shapes, against one Hessian-vector product (minibatch 8).
+
+    The solve's cost depends on the shapes only, so random matrices stand in for the fitted
+    bases here (no fit: see part ``vgg16`` for that); layers above the default
+    ``max_factor_dim`` (fc1) are left out as the solver would.
+    """
+    keras.utils.set_random_seed(0)
+    model = keras.applications.VGG16(weights=None)
+    variables = params.select(model)
+    limit = ekfac.EkfacSolver().max_factor_dim
+    blocks = [b for b in ekfac.layer_blocks(model, variables) if max(b.d_a, b.d_out) <= limit]
+    rng = np.random.default_rng(0)
+    layers = [ekfac.LayerFactors(b, rng.normal(size=(b.d_a, b.d_a)).astype(np.float32),
+                                 rng.normal(size=(b.d_out, b.d_out)).astype(np.float32),
+                                 rng.uniform(1, 2, size=(b.d_a, b.d_out)).astype(np.float32), None, None)
+              for b in blocks]
+    x = rng.uniform(-120, 120, size=(8, 224, 224, 3)).astype(np.float32)
+    y = rng.integers(0, 1000, size=8)
+    v = [tf.constant(rng.normal(size=tuple(w.shape)).astype(np.float32)) for w in variables]
+    clock = lambda: np.array([time.perf_counter(), time.process_time()])  # noqa: E731
+    solves, products = [], []
+    for _ in range(rounds):
+        began = clock()
+        for layer in layers:
+            ekfac._apply_inverse(layer, ekfac._matrix_form(v, layer.block), damping=0.1)  # noqa: SLF001
+        solves.append(clock() - began)
+    product = hvp.training_hvp(model, variables, sampling.MinibatchSampler.from_arrays(x, y, 8))
+    for step in range(lissa_steps + 1):  # the first call compiles
+        began = clock()
+        _ = float(tf.reduce_sum(product(v)[0]))
+        if step:
+            products.append(clock() - began)
+    solve, step = np.min(solves, axis=0), np.min(products, axis=0)
+    fitted = sum(params.count([variables[i] for i in (b.kernel_index, b.bias_index) if i is not None])
+                 for b in blocks)
+    print(f"\n== VGG16 solve alone: {len(blocks)} layers, {fitted:,} of {params.count(variables):,} weights "
+          f"(left out: layers above max_factor_dim={limit})")
+    print(f"{'':40s} {'wall s':>10s} {'CPU s':>10s}")
+    print(f"{'EK-FAC solve per test image':40s} {solve[0]:10.2f} {solve[1]:10.2f}   (best of {rounds})")
+    print(f"{'Hessian-vector product, minibatch 8':40s} {step[0]:10.2f} {step[1]:10.2f}   (best of {lissa_steps})")
+    print(f"{'LiSSA depth 100 per test image':40s} {100 * step[0]:10.1f} {100 * step[1]:10.1f}   (100 x product)")
+    print(f"per test image, LiSSA / EK-FAC: {100 * step[0] / solve[0]:.0f}x wall, {100 * step[1] / solve[1]:.0f}x CPU")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["loo", "demo", "vgg16"], choices=["loo", "demo", "vgg16"])
+    parser.add_argument("--parts", nargs="+", default=["loo", "demo", "vgg16"], choices=["loo", "demo", "vgg16", "vgg16-apply"])
     parser.add_argument("--demo-dir", type=Path, default=Path("/work/baseline_demo"))
     parser.add_argument("--cg-iterations", type=int, default=300, help="MINRES iterations at most")
     parser.add_argument("--cg-images", type=int, default=4, help="misclassified test images with a MINRES reference")
@@ -293,6 +342,8 @@ def main() -> None:
         part_demo(args.demo_dir, args.cg_iterations, args.cg_images)
     if "vgg16" in args.parts:
         part_vgg16(args.vgg_images, args.lissa_steps, args.rounds)
+    if "vgg16-apply" in args.parts:
+        part_vgg16_apply(args.rounds, args.lissa_steps)
 
 
 if __name__ == "__main__":
