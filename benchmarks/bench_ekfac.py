@@ -327,7 +327,8 @@ def part_vgg16_apply(rounds: int, lissa_steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["loo", "demo", "vgg16"], choices=["loo", "demo", "vgg16", "vgg16-apply"])
+    parser.add_argument("--parts", nargs="+", default=["loo", "demo", "vgg16"],
+                        choices=["loo", "demo", "vgg16", "vgg16-apply"])
     parser.add_argument("--demo-dir", type=Path, default=Path("/work/baseline_demo"))
     parser.add_argument("--cg-iterations", type=int, default=300, help="MINRES iterations at most")
     parser.add_argument("--cg-images", type=int, default=4, help="misclassified test images with a MINRES reference")
