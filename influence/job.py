@@ -83,7 +83,8 @@ def calculate(
                 f"{archive.format_image_size(train.image_size)}; prepare both at the same --image-size"
             )
         archive.check_pairing(train, test)  # the test labels mean the train archive's classes
-        items = plan.select_shard(plan.plan_work(test, folders=folders, labels=labels), shard_index, shard_count)
+        planned = plan.plan_work(test, folders=folders, labels=labels)
+        items = plan.select_shard(planned, shard_index, shard_count)
         names = archive.class_names(train, test)
         if not settings.scoring.all_labels:
             for label in sorted({item.label for item in items}):
@@ -132,58 +133,55 @@ def calculate(
             echo(f"{len(mismatched)} earlier outputs describe other test images or another training archive "
                  f"(e.g. {item.folder}/{item.label}/{item.number}.json was computed for "
                  f"{record.get('test_id', 'an unrecorded image')}); computing them again")
-        engine = None
+        engine = explain.prepare_engine(train, loaded, settings, echo) if todo else None
+        test_sets = {name: test.folder(name) for name in {item.folder for item in todo}}
+        failing = dict(output_dir=output_dir, test_sets=test_sets, engine=engine, settings=settings,
+                       fingerprint=fingerprint, identity=identity, names=names, summary=summary, echo=echo)
         subset = None
-        for item in todo:
-            files = item.files(output_dir, save_format)
-            with _writing(output_dir):
-                claims.check_tree(output_dir, fingerprint)
-                claim, holder = claims.claim_item(files.record)
-            if claim is None:
-                echo(f"Test image #{item.number} of {item.folder}/{item.label} is being computed by "
-                     f"{claims.describe(holder)}; skipping it")
-                summary.elsewhere += 1
-                continue
+        for group in _groups(todo, settings, explain.group_size(engine) if todo else 1):
+            held = _claim_group(group, output_dir=output_dir, save_format=save_format, fingerprint=fingerprint,
+                                identity=identity, overwrite=overwrite, summary=summary, echo=echo)
             try:
-                record = results.read_record(files)
-                if (not overwrite and record is not None and record.get("identity") == identity(item)
-                        and not results.is_failure(record) and results.results_present(files)):
-                    summary.skipped += 1  # completed by another process since the plan was made
+                group = [item for item in group if item in held]
+                if not group:
                     continue
-                if engine is None:
-                    engine = explain.prepare_engine(train, loaded, settings, echo)
-                if subset is None or subset.key != explain.subset_key(item, settings):
-                    subset = explain.load_label_subset(train, item, settings, echo)
-                echo(f"Test image #{item.number} in process")
-                test_set = test.folder(item.folder)
-                test_id = str(test_set.ids[item.row])
-                try:
-                    explanation = explain.explain(item=item, image=_test_image(test_set, item), train=train,
-                                                  subset=subset, engine=engine, settings=settings)
-                except ItemFailed as failure:
+                if subset is None or subset.key != explain.subset_key(group[0], settings):
+                    subset = explain.load_label_subset(train, group[0], settings, echo)
+                solved = []
+                for item in group:
+                    echo(f"Test image #{item.number} in process")
+                    try:
+                        solved.append(explain.solve(item=item, image=_test_image(test_sets[item.folder], item),
+                                                    engine=engine, settings=settings))
+                    except ItemFailed as failure:
+                        _fail(item, failure, **failing)
+                if not solved:
+                    continue
+                explained = explain.score(solved, train=train, subset=subset, engine=engine, settings=settings)
+                for done, explanation in zip(solved, explained):
+                    item = done.item
+                    if isinstance(explanation, ItemFailed):
+                        _fail(item, explanation, **failing)
+                        continue
+                    files = item.files(output_dir, save_format)
                     with _writing(output_dir):
+                        outputs.remove_stale_temporaries(files.directory)
                         claims.check_tree(output_dir, fingerprint)
-                        results.write_failure(files, reason=str(failure), record={
-                            "identity": identity(item),
-                            **_identity(item, test_id, names),
-                            "settings": {**settings.as_dict(), "fingerprint": fingerprint},
-                            "solver": {"method": engine.prepared.name, **engine.prepared.diagnostics},
-                            "versions": versions(),
-                        })
-                    summary.failed.append((item, str(failure)))
-                    echo(f"Test image #{item.number} failed: {failure}")
-                    continue
-                with _writing(output_dir):
-                    outputs.remove_stale_temporaries(files.directory)
-                    claims.check_tree(output_dir, fingerprint)
-                    degenerate = _write(files, item, test_id, explanation, train=train, engine=engine,
-                                        loaded=loaded, settings=settings, fingerprint=fingerprint,
-                                        identity=identity(item), names=names, echo=echo)
+                        degenerate = _write(files, item, str(test_sets[item.folder].ids[item.row]), explanation,
+                                            train=train, engine=engine, loaded=loaded, settings=settings,
+                                            fingerprint=fingerprint, identity=identity(item), names=names, echo=echo)
+                    summary.computed += 1
+                    if degenerate:
+                        summary.degenerate.append(f"{item.folder}/{item.label}/#{item.number}: {degenerate}")
             finally:
-                claim.release()
-            summary.computed += 1
-            if degenerate:
-                summary.degenerate.append(f"{item.folder}/{item.label}/#{item.number}: {degenerate}")
+                for claim in held.values():
+                    claim.release()
+
+        # The consolidated store and the pages (influence.store, influence.pages).
+        from influence import store
+
+        store.finish_run(output_dir, train=train, test=test, planned=planned, shard=(shard_index, shard_count),
+                         top=settings.presentation.top, echo=echo)
     others = f", {summary.elsewhere} left to other processes" if summary.elsewhere else ""
     echo(
         f"Done: {summary.computed} test images computed, {len(summary.failed)} failed, "
@@ -200,6 +198,61 @@ def calculate(
         for line in summary.degenerate:
             echo(f"  {line}")
     return summary
+
+
+def _groups(items: list[plan.WorkItem], settings: Settings, size: int) -> list[list[plan.WorkItem]]:
+    """Consecutive items that score the same training images, ``size`` at most per group."""
+    from influence import explain
+
+    groups: list[list[plan.WorkItem]] = []
+    for item in items:
+        if groups and len(groups[-1]) < size and (
+                explain.subset_key(groups[-1][0], settings) == explain.subset_key(item, settings)):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _claim_group(group, *, output_dir, save_format, fingerprint, identity, overwrite, summary, echo) -> dict:
+    """{item: claim} for the items of ``group`` this process may compute (:mod:`influence.claims`):
+    not claimed by another process, and not completed by one since the plan was made."""
+    held = {}
+    with _writing(output_dir):
+        claims.check_tree(output_dir, fingerprint)
+        for item in group:
+            files = item.files(output_dir, save_format)
+            claim, holder = claims.claim_item(files.record)
+            if claim is None:
+                echo(f"Test image #{item.number} of {item.folder}/{item.label} is being computed by "
+                     f"{claims.describe(holder)}; skipping it")
+                summary.elsewhere += 1
+                continue
+            record = results.read_record(files)
+            if (not overwrite and record is not None and record.get("identity") == identity(item)
+                    and not results.is_failure(record) and results.results_present(files)):
+                claim.release()
+                summary.skipped += 1
+                continue
+            held[item] = claim
+    return held
+
+
+def _fail(item, failure, *, output_dir, test_sets, engine, settings, fingerprint, identity, names, summary,
+          echo) -> None:
+    """Record why a test image failed, in place of its results, and go on."""
+    files = item.files(output_dir, settings.presentation.save_format)
+    with _writing(output_dir):
+        claims.check_tree(output_dir, fingerprint)
+        results.write_failure(files, reason=str(failure), record={
+            "identity": identity(item),
+            **_identity(item, str(test_sets[item.folder].ids[item.row]), names),
+            "settings": {**settings.as_dict(), "fingerprint": fingerprint},
+            "solver": {"method": engine.prepared.name, **engine.prepared.diagnostics},
+            "versions": versions(),
+        })
+    summary.failed.append((item, str(failure)))
+    echo(f"Test image #{item.number} failed: {failure}")
 
 
 def _test_image(test_set, item) -> np.ndarray:
