@@ -51,7 +51,7 @@ class Engine:
 
 def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None]) -> Engine:
     """Parameters, the Hessian-vector product and the prepared solver: once per run."""
-    from influence import params, sampling, solvers
+    from influence import losses, params, sampling, solvers
 
     scoring = settings.scoring
     variables = params.select(loaded.model, layers=list(scoring.layers) if scoring.layers else None,
@@ -67,6 +67,8 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
                                             preprocess_name=loaded.preprocess_name,
                                             model=sorted(loaded.files.values()), echo=echo)
             model, preprocess = cut.head, features.trunk_features_fn(cut, loaded.preprocess)
+            # The head's output is the model's: its loss is taken the same way (--outputs included).
+            losses.declare_output_kind(model, losses.output_kind(loaded.model))
             source = features.FeatureSource(cache)
     sampler = sampling.MinibatchSampler(source or sampling.ArchiveSource(train, loaded.preprocess),
                                         settings.solver.batch_size)
