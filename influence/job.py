@@ -155,6 +155,7 @@ def calculate(
                                                     engine=engine, settings=settings))
                     except ItemFailed as failure:
                         _fail(item, failure, **failing)
+                        held.pop(item).release()
                 if not solved:
                     continue
                 explained = explain.score(solved, train=train, subset=subset, engine=engine, settings=settings)
@@ -162,6 +163,7 @@ def calculate(
                     item = done.item
                     if isinstance(explanation, ItemFailed):
                         _fail(item, explanation, **failing)
+                        held.pop(item).release()
                         continue
                     files = item.files(output_dir, save_format)
                     with _writing(output_dir):
@@ -170,6 +172,7 @@ def calculate(
                         degenerate = _write(files, item, str(test_sets[item.folder].ids[item.row]), explanation,
                                             train=train, engine=engine, loaded=loaded, settings=settings,
                                             fingerprint=fingerprint, identity=identity(item), names=names, echo=echo)
+                    held.pop(item).release()  # at once: a kill later in the group leaves no claim on it
                     summary.computed += 1
                     if degenerate:
                         summary.degenerate.append(f"{item.folder}/{item.label}/#{item.number}: {degenerate}")
