@@ -140,7 +140,9 @@ class ArchiveWriter:
         with self._open_member(name) as member:
             np.lib.format.write_array_header_1_0(member, header)
             source.seek(0)
-            shutil.copyfileobj(source, member, _COPY_CHUNK)
+            while chunk := source.read(_COPY_CHUNK):  # a test folder of ImageNet's size is gigabytes
+                interrupts.checkpoint()
+                member.write(chunk)
 
     def _add_meta(self, meta: dict) -> dict:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
