@@ -28,13 +28,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
+def damping_value(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1) (LiSSA's damping coefficient)")
     return value
 
 
@@ -58,7 +58,8 @@ def build_parser() -> cli.ArgumentParser:
         description="For every test image: the training images that helped its prediction most (useful) "
         "and hurt it most (harmful), by influence functions (Koh & Liang, 2017).",
         epilog="Sign: score = s_test . grad L(z); positive = useful (removing z would raise the test loss), "
-        "negative = harmful. Example: python calculate.py -i 20 -b 8 -sf pdf",
+        "negative = harmful. Exit status: 0 done, 2 bad input, 3 some test images failed (their records say why; "
+        "a rerun retries them), 130 interrupted. Example: python calculate.py -i 20 -b 8 -sf pdf",
     )
     lissa = parser.add_argument_group("LiSSA and scoring")
     lissa.add_argument("-i", "--depth", type=positive_int, default=100, help="LiSSA steps per repeat (default 100)")
@@ -70,7 +71,7 @@ def build_parser() -> cli.ArgumentParser:
         "--score-batch-size", type=positive_int, default=32, help="training images per scoring pass (default 32)"
     )
     lissa.add_argument(
-        "--damping", type=non_negative_float, default=0.01,
+        "--damping", type=damping_value, default=0.01,
         help="LiSSA damping (default 0.01); the Hessian inverted is H + damping*scale*I",
     )
     lissa.add_argument(
@@ -121,6 +122,10 @@ def build_parser() -> cli.ArgumentParser:
         help="take every n-th test image starting at i (0 <= i < n), for n parallel processes",
     )
     work.add_argument("--overwrite", action="store_true", help="recompute test images whose outputs exist")
+    work.add_argument(
+        "--skip-failed", action="store_true",
+        help="leave test images that failed in an earlier run as they are (default: retry them)",
+    )
     work.add_argument("-v", "--verbose", action="store_true", help="show TensorFlow's start-up messages")
     return parser
 
@@ -133,24 +138,28 @@ def main(argv=None) -> int:
     # A batch scheduler's SIGTERM unwinds like Ctrl-C, so no half-written file is left behind.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-    from influence import job
+    from influence import job, plan
+    from influence.settings import PresentationSettings, ScoringSettings, Settings, SolverSettings
 
-    job.parse_shard(args.shard)  # a bad --shard fails before the archives are opened
-    settings = job.Settings(
-        depth=args.depth,
-        batch_size=args.batch_size,
-        score_batch_size=args.score_batch_size,
-        damping=args.damping,
-        scale=args.scale,
-        repeat=args.repeat,
-        layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()) if args.layers else None,
-        last_layers=args.last_layers,
-        seed=args.seed,
-        top=args.top,
-        all_labels=args.all_labels,
-        save_format=args.save_format,
+    plan.parse_shard(args.shard)  # a bad --shard fails before the archives are opened
+    settings = Settings(
+        solver=SolverSettings(
+            depth=args.depth,
+            batch_size=args.batch_size,
+            damping=args.damping,
+            scale=args.scale,
+            repeat=args.repeat,
+            seed=args.seed,
+        ),
+        scoring=ScoringSettings(
+            layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()) if args.layers else None,
+            last_layers=args.last_layers,
+            all_labels=args.all_labels,
+            score_batch_size=args.score_batch_size,
+        ),
+        presentation=PresentationSettings(top=args.top, save_format=args.save_format),
     )
-    job.calculate(
+    summary = job.calculate(
         train_path=args.train,
         test_path=args.test,
         output_dir=args.output_dir,
@@ -162,9 +171,10 @@ def main(argv=None) -> int:
         labels=args.labels,
         shard=args.shard,
         overwrite=args.overwrite,
+        retry_failed=not args.skip_failed,
         echo=lambda text, end="\n": print(text, end=end, flush=True),
     )
-    return 0
+    return cli.EXIT_SOME_FAILED if summary.failed else 0
 
 
 if __name__ == "__main__":
