@@ -24,6 +24,7 @@ import weakref
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from influence import losses
