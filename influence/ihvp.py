@@ -178,43 +178,50 @@ def estimate_scale(hvp_fn: HvpFn, *, like: Vector, damping: float = 0.0,
 
 
 def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: int = 0,
-                    details: dict | None = None) -> tuple[float, float]:
+                    tolerance: float = 1e-3, details: dict | None = None) -> tuple[float, float]:
     """``(lambda_min, lambda_max)``: the extreme eigenvalues of a symmetric operator, by Lanczos.
 
     ``hvp_fn`` must be deterministic (a fixed set of examples: :func:`influence.hvp.dataset_hvp`).
-    ``iterations`` k products build the tridiagonal ``T_k = Q^T H Q`` of the Krylov space of a
-    random start; its extreme eigenvalues (Ritz values) approach H's extremes from inside,
+    At most ``iterations`` products build the tridiagonal ``T_k = Q^T H Q`` of the Krylov space
+    of a random start; its extreme eigenvalues (Ritz values) approach H's extremes from inside,
     the extremes fastest. Each is then pushed outward by its residual bound
-    ``beta_k |y_k[-1]|`` (a true eigenvalue of H lies within it), so the returned range
-    errs wide, which is the safe side for a damping and a scale. Three vectors in memory:
-    no reorthogonalisation (lost orthogonality duplicates converged Ritz values, it does
-    not move the extremes).
+    ``beta_k |y_k[-1]|`` (an eigenvalue of H lies within it), so the returned range errs wide,
+    the safe side for a damping and a scale. Stops early once both bounds are below
+    ``tolerance * max|Ritz value|``. Three vectors in memory (in the variables' own dtype, dots
+    in float64): no reorthogonalisation, since lost orthogonality duplicates converged Ritz
+    values, it does not move the extremes.
     """
     rng = np.random.default_rng(seed)
-    flat_q = rng.standard_normal(sum(int(np.prod(part.shape)) for part in like))
-    flat_q /= np.linalg.norm(flat_q)
-    q_prev = np.zeros_like(flat_q)
+    q = [tf.constant(rng.standard_normal(tuple(part.shape)), part.dtype) for part in like]
+    q = _scaled(1.0 / _norm(q), q)
+    q_prev = None
     alphas, betas = [], []
     beta = 0.0
-    for _ in range(max(2, iterations)):
-        w = flatten(hvp_fn(unflatten(flat_q, like)))
-        if not np.isfinite(w).all():
+    values = vectors = residuals = None
+    for step in range(max(2, iterations)):
+        w = list(hvp_fn(q))
+        alpha = _dot(q, w)
+        if not math.isfinite(alpha):
             raise LissaDivergedError("the Hessian-vector product is not finite (NaN or inf): "
                                      "check the model's weights and the input images")
-        alpha = float(flat_q @ w)
-        w -= alpha * flat_q + beta * q_prev
+        w = _axpy(-alpha, q, w)
+        if q_prev is not None:
+            w = _axpy(-beta, q_prev, w)
         alphas.append(alpha)
-        beta = float(np.linalg.norm(w))
+        beta = _norm(w)
         betas.append(beta)
-        if beta <= 1e-10 * max(abs(a) for a in alphas):
+        k = len(alphas)
+        tridiagonal = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
+        values, vectors = np.linalg.eigh(tridiagonal)
+        residuals = abs(beta) * np.abs(vectors[-1, :])
+        size = max(abs(values[0]), abs(values[-1]), 1e-30)
+        if beta <= 1e-10 * size:
             break  # an invariant subspace: the Ritz values are exact
-        q_prev, flat_q = flat_q, w / beta
-    k = len(alphas)
-    tridiagonal = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
-    values, vectors = np.linalg.eigh(tridiagonal)
-    residuals = abs(betas[k - 1]) * np.abs(vectors[-1, :])
+        if k >= 4 and max(residuals[0], residuals[-1]) <= tolerance * size:
+            break
+        q_prev, q = q, _scaled(1.0 / beta, w)
     if details is not None:
-        details.update(ritz_min=float(values[0]), ritz_max=float(values[-1]),
+        details.update(ritz_min=float(values[0]), ritz_max=float(values[-1]), products=len(alphas),
                        residual_min=float(residuals[0]), residual_max=float(residuals[-1]))
     return float(values[0] - residuals[0]), float(values[-1] + residuals[-1])
 

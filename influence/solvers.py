@@ -216,7 +216,9 @@ class LissaSolver:
             began = time.perf_counter()
             echo("Estimate LiSSA scale...", end="")
             minibatch_top = ihvp.estimate_scale(hvp_fn, like=curvature.zeros(), margin=1.0)
-            scale = ihvp.DEFAULT_SCALE_MARGIN * max(minibatch_top, estimate.lambda_max)
+            # The recursion contracts along curvature mu when 0 < damping + mu < 2 * scale, and its
+            # coefficient damping / scale must stay below 1.
+            scale = ihvp.DEFAULT_SCALE_MARGIN * max(minibatch_top, estimate.lambda_max, damping)
             echo(f" {scale:.4g} ({time.perf_counter() - began:.1f} s)")
         if not damping < scale:
             raise UserError(f"damping {damping:.4g} is not below the LiSSA scale {scale:.4g}: the answer would be "

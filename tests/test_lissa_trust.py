@@ -102,10 +102,25 @@ class warnings_as_errors:
         return self._context.__exit__(*exc)
 
 
+def _expected_estimate(hessian, v, *, damping, scale, depth, averaged):
+    """The mean of the LiSSA estimate when E[H_j] = H and H_j is independent of h_{j-1}:
+    the same recursion with the full Hessian, in NumPy."""
+    step = np.eye(len(v)) - (damping * np.eye(len(v)) + hessian) / scale
+    h, tail = v.copy(), np.zeros_like(v)
+    for j in range(depth):
+        h = v + step @ h
+        if j >= depth - averaged:
+            tail += h
+    return tail / (averaged * scale)
+
+
 def test_default_estimator_bias_and_variance_against_the_exact_solve():
-    """Measured over 6 seeds on softmax regression: the new defaults (curvature sampling,
-    averaged iterates, two chains of 50) have a small bias, and less variance than the last
-    iterate of uniform minibatches at the same number of products (100 x 4 examples)."""
+    """Measured over 6 seeds on softmax regression at the same 100 products of 4 examples:
+    the new defaults (curvature sampling, averaged iterates, two chains of 50) and the last
+    iterate of uniform minibatches. Each estimator's mean is its deterministic recursion
+    (unbiased minibatch Hessians, weighted or not), whose distance to the exact solve is the
+    truncation bias; the new defaults have less variance, and more truncation bias (the
+    averaged window reaches back to step 26): docs/lissa.md."""
     model = softmax_regression(l2=0.01)
     x, y = tabular_data(80)
     variables = params.select(model)
@@ -117,31 +132,30 @@ def test_default_estimator_bias_and_variance_against_the_exact_solve():
                               scale=new.scale).prepare(curvature)
     exact = np.linalg.solve(hessian + 0.2 * np.eye(len(hessian)), flat(v))
     size = np.linalg.norm(exact)
-
-    def bias_and_spread(prepared):
+    figures = {}
+    for name, prepared, depth, averaged in (("new", new, 50, 25), ("old", old, 100, 1)):
         estimates = np.array([flat(prepared.solve(v, key=(seed,)).s_test) for seed in range(6)])
         mean = estimates.mean(axis=0)
-        return (np.linalg.norm(mean - exact) / size,
-                np.sqrt(np.mean(np.sum((estimates - mean) ** 2, axis=1))) / size)
-
-    new_bias, new_spread = bias_and_spread(new)
-    old_bias, old_spread = bias_and_spread(old)
-    assert new_bias < 0.05, (new_bias, new_spread, old_bias, old_spread)
-    assert new_spread < 0.1
-    assert new_spread < 0.7 * old_spread, (new_spread, old_spread)
+        spread = np.sqrt(np.mean(np.sum((estimates - mean) ** 2, axis=1)))
+        expected = _expected_estimate(hessian, flat(v), damping=0.2, scale=new.scale, depth=depth, averaged=averaged)
+        # The estimator's mean is its deterministic recursion, within the standard error.
+        assert np.linalg.norm(mean - expected) < 4 * spread / np.sqrt(len(estimates)) + 1e-3 * size, name
+        figures[name] = (np.linalg.norm(expected - exact) / size, spread / size)
+    (new_bias, new_spread), (old_bias, old_spread) = figures["new"], figures["old"]
+    assert new_spread < 0.7 * old_spread, figures  # the variance reduction, measured
+    assert old_bias < new_bias < 0.15, figures  # the truncation bias it costs here, measured
 
 
 def test_cg_solver_on_the_chunked_product_is_the_exact_solve():
-    model = mlp(softmax=True, regularise=0.05, inputs=4, hidden=5, classes=3, seed=1)
-    x, y = tabular_data(50, inputs=4)
+    model, x, y = _nonconvex()
     variables = params.select(model)
     hessian = explicit_hessian(model, variables, x, y)
     v = hvp.loss_gradient(model, variables, x[:1], y[:1])
-    prepared = solvers.ConjugateGradientSolver(damping=0.1, chunk_size=16).prepare(_curvature(model, x, y, 8))
+    prepared = solvers.ConjugateGradientSolver(chunk_size=16).prepare(_curvature(model, x, y, 8))  # damping auto
     solution = prepared.solve(v)
-    expected = np.linalg.solve(hessian + 0.1 * np.eye(len(hessian)), flat(v))
+    expected = np.linalg.solve(hessian + prepared.damping * np.eye(len(hessian)), flat(v))
     np.testing.assert_allclose(flat(solution.s_test), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
-    assert solution.diagnostics["converged"] is True
+    assert solution.diagnostics["converged"] is True and solution.diagnostics["well_posed"] is True
 
 
 def test_top_k_shared_counts_both_ends():
