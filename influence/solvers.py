@@ -175,7 +175,7 @@ class LissaSolver:
     - ``curvature_sample``, ``lanczos_iterations``: the Lanczos run behind the curvature range.
     """
 
-    depth: int = 100
+    depth: int = 50
     damping: float | str = AUTO
     scale: float | None = None  # None: "auto", estimated once per run
     repeat: int = 2
