@@ -8,6 +8,11 @@ the training-minibatch sampler and the prepared solver (LiSSA's scale, say).
 2. ``s_test = (H + lambda I)^-1 v`` with the prepared solver, its random draws keyed by the item;
 3. ``score(z) = s_test . grad L(z)`` for every training image of the label (or of the whole
    set with ``all_labels``), in batches (:func:`influence.scores.influence_scores`).
+
+When only top layers are selected and a cut exists below them (``--feature-cache auto|on``,
+:mod:`influence.features`), the engine's model is the head above the cut, its input the
+cached features of the training images (:mod:`influence.feature_cache`) and the trunk's
+output for a test image: the frozen layers run once per image, not in every product.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class Engine:
     variables: list
     prepared: object  # solvers.PreparedSolver
     hvp_form: str
+    # With a cut: the model above is the head, preprocess ends with the trunk, and the training
+    # images' features come from this feature_cache.FeatureCache.
+    features: object = None
 
     @property
     def parameters(self) -> int:
@@ -48,11 +56,24 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
     scoring = settings.scoring
     variables = params.select(loaded.model, layers=list(scoring.layers) if scoring.layers else None,
                               last=scoring.last_layers)
-    sampler = sampling.MinibatchSampler(sampling.ArchiveSource(train, loaded.preprocess), settings.solver.batch_size)
-    curvature = solvers.TrainingCurvature.build(loaded.model, variables, sampler, seed=settings.solver.seed, echo=echo)
+    model, preprocess, source, cache = loaded.model, loaded.preprocess, None, None
+    # With every weight selected the first layer reads the input: no cut to look for.
+    if scoring.layers or scoring.last_layers or scoring.feature_cache == "on":
+        from influence import features
+
+        cut = features.choose_cut(scoring.feature_cache, loaded.model, variables, echo=echo)
+        if cut is not None:
+            cache = features.train_features(train, cut=cut, preprocess=loaded.preprocess,
+                                            preprocess_name=loaded.preprocess_name,
+                                            model=sorted(loaded.files.values()), echo=echo)
+            model, preprocess = cut.head, features.trunk_features_fn(cut, loaded.preprocess)
+            source = features.FeatureSource(cache)
+    sampler = sampling.MinibatchSampler(source or sampling.ArchiveSource(train, loaded.preprocess),
+                                        settings.solver.batch_size)
+    curvature = solvers.TrainingCurvature.build(model, variables, sampler, seed=settings.solver.seed, echo=echo)
     prepared = settings.solver.solver().prepare(curvature)
-    return Engine(model=loaded.model, preprocess=loaded.preprocess, variables=variables, prepared=prepared,
-                  hvp_form=getattr(curvature.hvp_fn, "form", "auto"))
+    return Engine(model=model, preprocess=preprocess, variables=variables, prepared=prepared,
+                  hvp_form=getattr(curvature.hvp_fn, "form", "auto"), features=cache)
 
 
 @dataclass
@@ -62,9 +83,12 @@ class LabelSubset:
     key: tuple
     indices: np.ndarray  # (k,) global training indices
     images: np.ndarray | None  # (k, H, W, 3) uint8; None with all_labels (streamed instead)
+    read_on_demand: bool = False  # images read at the first batches() (never, on cached features)
 
     def batches(self, train, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(indices, images) batches covering the subset, in its order."""
+        if self.images is None and self.read_on_demand:
+            self.images = train.read(self.indices)
         if self.images is None:
             yield from train.iter_all(batch_size)
             return
@@ -86,9 +110,22 @@ def load_label_subset(train, item: WorkItem, settings: Settings, echo) -> LabelS
     else:
         echo(f"Create label subset for {item.label} class...", end="")
         indices = train.label_indices(item.label)
-        subset = LabelSubset(key, indices, train.read(indices))
+        subset = LabelSubset(key, indices, None, read_on_demand=True)
     echo(" finished")
     return subset
+
+
+@dataclass
+class Solved:
+    """A test image's ``s_test``, before its training images are scored."""
+
+    item: WorkItem
+    image: np.ndarray  # (H, W, 3) uint8
+    predicted: int
+    test_loss: float
+    s_test: list  # tensors shaped like the variables
+    diagnostics: dict  # the solver's, for this test image
+    timings: dict
 
 
 @dataclass
@@ -104,10 +141,9 @@ class Explanation:
     timings: dict
 
 
-def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, engine: Engine,
-            settings: Settings) -> Explanation:
-    """Test gradient, ``s_test`` and the scores of the subset's training images for one test image."""
-    from influence import hvp, ihvp, losses, scores
+def solve(*, item: WorkItem, image: np.ndarray, engine: Engine, settings: Settings) -> Solved:
+    """The test gradient and ``s_test`` of one test image; :class:`ItemFailed` if the solver diverges."""
+    from influence import hvp, ihvp, losses
 
     timings = {}
     x_test = engine.preprocess(image[None])
@@ -128,20 +164,65 @@ def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, en
         except ihvp.LissaDivergedError as error:
             raise ItemFailed(str(error)) from error
     timings["solve_s"] = time.perf_counter() - began
+    return Solved(item, image, predicted, test_loss, solution.s_test, solution.diagnostics, timings)
+
+
+def score(group: list[Solved], *, train, subset: LabelSubset, engine: Engine,
+          settings: Settings) -> list[Explanation | ItemFailed]:
+    """Score the subset's training images for every test image of ``group`` in one pass: each
+    training batch is read, decoded and preprocessed once for the whole group.
+
+    Returns, per test image, its :class:`Explanation`, or an :class:`ItemFailed` saying why not.
+    """
+    from influence import features, scores
 
     began = time.perf_counter()
-    scored_indices, scored = [], []
-    with progress_bar(total=len(subset.indices), desc="Batch influences", unit="img") as bar:
-        for indices, images in subset.batches(train, settings.scoring.score_batch_size):
-            batch_scores = scores.influence_scores(engine.model, engine.variables, solution.s_test,
-                                                   engine.preprocess(images), train.labels[indices])
+    s_tests = [solved.s_test for solved in group]
+    scored_indices, scored = [], []  # scored: (m, batch) blocks
+    batch_size = settings.scoring.score_batch_size
+    if engine.features is not None:  # the head on cached features, all m test images in one pass
+        stacked = features.stack_s_tests(s_tests, engine.variables)
+        blocks = engine.features.blocks(subset.indices, batch_size)
+
+        def score_block(inputs, labels):
+            return features.score_matrix(engine.model, engine.variables, stacked, inputs, labels)
+    else:
+        blocks = ((indices, engine.preprocess(images)) for indices, images in subset.batches(train, batch_size))
+
+        def score_block(inputs, labels):
+            return scores.influence_scores_many(engine.model, engine.variables, s_tests, inputs, labels)
+    with progress_bar(total=len(subset.indices) * len(group), desc="Batch influences", unit="img") as bar:
+        for indices, inputs in blocks:
+            block = score_block(inputs, train.labels[indices])
             scored_indices.append(indices)
-            scored.append(np.asarray(batch_scores, dtype=np.float64))
-            bar.update(len(indices))
-    all_scores = np.concatenate(scored)
-    if not np.all(np.isfinite(all_scores)):
-        raise ItemFailed(f"{np.sum(~np.isfinite(all_scores))} of {len(all_scores)} influence scores are not finite; "
-                         f"the solver did not converge: raise --scale or --damping")
-    timings["scoring_s"] = time.perf_counter() - began
-    return Explanation(image, predicted, test_loss, np.concatenate(scored_indices), all_scores,
-                       solution.diagnostics, timings)
+            scored.append(np.asarray(block, dtype=np.float64))
+            bar.update(len(indices) * len(group))
+    indices = np.concatenate(scored_indices)
+    all_scores = np.concatenate(scored, axis=1)  # (m, k)
+    seconds = (time.perf_counter() - began) / len(group)
+    explained = []
+    for solved, row in zip(group, all_scores):
+        if not np.all(np.isfinite(row)):
+            explained.append(ItemFailed(
+                f"{np.sum(~np.isfinite(row))} of {len(row)} influence scores are not finite; "
+                f"the solver did not converge: raise --scale or --damping"))
+            continue
+        explained.append(Explanation(solved.image, solved.predicted, solved.test_loss, indices, row,
+                                     solved.diagnostics, {**solved.timings, "scoring_s": seconds}))
+    return explained
+
+
+def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, engine: Engine,
+            settings: Settings) -> Explanation:
+    """Test gradient, ``s_test`` and the scores of the subset's training images for one test image."""
+    (explanation,) = score([solve(item=item, image=image, engine=engine, settings=settings)],
+                           train=train, subset=subset, engine=engine, settings=settings)
+    if isinstance(explanation, ItemFailed):
+        raise explanation
+    return explanation
+
+
+def group_size(engine: Engine, *, budget_bytes: float = 2 * 2**30, most: int = 16) -> int:
+    """How many test images to score per pass over the training images: as many ``s_test``
+    vectors as fit in ``budget_bytes`` (VGG16 with every weight: 3), at most ``most``."""
+    return int(max(1, min(most, budget_bytes // max(1, 4 * engine.parameters))))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from h5files import assert_same_h5
 from imagegen import make_class_folders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,13 @@ def calculate(workspace, output_dir, *extra, timeout=300):
 EXPECTED_ITEMS = [("orig", 0, 1), ("orig", 0, 2), ("orig", 1, 1), ("noisy", 2, 1)]
 
 
+STORE_OUTPUTS = ("results.h5", "index.html", "parts", "html")  # tests/test_store.py checks these
+
+
 def result_files(output_dir):
-    return sorted(str(p.relative_to(output_dir)) for p in Path(output_dir).rglob("*") if p.is_file())
+    """The per-image files of a tree (the consolidated store and its pages left out)."""
+    return sorted(str(p.relative_to(output_dir)) for p in Path(output_dir).rglob("*")
+                  if p.is_file() and p.relative_to(output_dir).parts[0] not in STORE_OUTPUTS)
 
 
 def load_scores(output_dir):
@@ -217,10 +223,15 @@ def test_shards_cover_all_work_once_with_identical_scores(workspace, full_run):
         result = calculate(workspace, sharded, "--shard", f"{index}/2")
         assert result.returncode == 0, result.stderr
         assert f"of {2} in this shard" in result.stdout
+        if index == 0:  # shard 1/2 has not run yet: nothing to assemble
+            assert "results.h5 and the pages not rebuilt: 2 of 4 planned test images have no result" in result.stdout
     assert result_files(sharded) == result_files(output_dir)
     full, parts = load_scores(output_dir), load_scores(sharded)
     for key in EXPECTED_ITEMS:
         assert parts[key] == full[key]  # same seed, same machine: identical, whichever shard
+    # The last shard assembled the consolidated store: the unsharded run's, dataset for dataset.
+    assert "4 results, 0 failed, 0 missing, from 2 parts of 2" in result.stdout
+    assert_same_h5(sharded / "results.h5", output_dir / "results.h5")
 
 
 def test_resume_after_kill_ends_with_the_same_complete_outputs(workspace, full_run):
@@ -363,3 +374,25 @@ def test_test_label_without_training_images_is_refused(tmp_path, workspace):
     assert len(lines) == 1 and "no training images with label 5 (electric_ray)" in lines[0]
     assert "--all-labels" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_feature_cache_gives_the_whole_models_scores_and_is_reused(workspace, tmp_path):
+    top = ["--last-layers", "1", "--all-labels", "--folders", "orig"]  # one pass scores both test images of label 0
+    cached = calculate(workspace, tmp_path / "cached", *top, "--feature-cache", "on")
+    assert cached.returncode == 0, cached.stderr
+    assert "Feature cache: cut at the output of 'flatten'" in cached.stdout
+    assert "(built in" in cached.stdout and str(workspace / "feature-cache") in cached.stdout
+    whole = calculate(workspace, tmp_path / "whole", *top, "--feature-cache", "off")
+    assert whole.returncode == 0, whole.stderr
+    assert "Feature cache" not in whole.stdout
+    for folder, label, number in [item for item in EXPECTED_ITEMS if item[0] == "orig"]:
+        path = Path(folder) / str(label) / f"{number}.npy"
+        got = np.load(tmp_path / "cached" / path, allow_pickle=True).item()
+        expected = np.load(tmp_path / "whole" / path, allow_pickle=True).item()
+        assert got.keys() == expected.keys()
+        largest = max(abs(value) for value in expected.values())
+        assert largest > 0
+        assert max(abs(got[key] - expected[key]) for key in expected) <= 1e-4 * largest
+    again = calculate(workspace, tmp_path / "again", *top)  # auto: the same cut, the cache reused
+    assert again.returncode == 0, again.stderr
+    assert "(reused)" in again.stdout and "(built in" not in again.stdout
