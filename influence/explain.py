@@ -71,7 +71,19 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
     sampler = sampling.MinibatchSampler(source or sampling.ArchiveSource(train, loaded.preprocess),
                                         settings.solver.batch_size)
     curvature = solvers.TrainingCurvature.build(model, variables, sampler, seed=settings.solver.seed, echo=echo)
-    prepared = settings.solver.solver().prepare(curvature)
+    solver = settings.solver.solver()
+    if settings.solver.method == "ekfac":  # fitted factors, reused by later runs and every shard
+        from influence import archive, features, feature_cache
+
+        key = {"model": sorted(loaded.files.values()), "preprocess": loaded.preprocess_name,
+               "inputs": "features" if cache is not None else "images",
+               "archive": archive.content_digest(train.path)}
+        path = feature_cache.cache_path(features.default_cache_dir(train.path, "ekfac"), stem=train.path.stem,
+                                        key={**key, "fit": solver.fit_settings(),
+                                             "variables": [v.path for v in variables]}).with_suffix(".npz")
+        prepared = solver.prepare(curvature, cache_path=path, cache_key=key)
+    else:
+        prepared = solver.prepare(curvature)
     return Engine(model=model, preprocess=preprocess, variables=variables, prepared=prepared,
                   hvp_form=getattr(curvature.hvp_fn, "form", "auto"), features=cache)
 

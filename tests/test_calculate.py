@@ -396,3 +396,19 @@ def test_feature_cache_gives_the_whole_models_scores_and_is_reused(workspace, tm
     again = calculate(workspace, tmp_path / "again", *top)  # auto: the same cut, the cache reused
     assert again.returncode == 0, again.stderr
     assert "(reused)" in again.stdout and "(built in" not in again.stdout
+
+
+def test_ekfac_method_fits_once_per_archive_and_records_its_damping(workspace, tmp_path):
+    first = calculate(workspace, tmp_path / "a", "--method", "ekfac", "--folders", "noisy")
+    assert first.returncode == 0, first.stderr
+    assert "EK-FAC factors written to" in first.stdout
+    record = json.loads((tmp_path / "a" / "noisy" / "2" / "1.json").read_text())
+    assert record["solver"]["method"] == "ekfac" and record["settings"]["solver"]["method"] == "ekfac"
+    assert record["solver"]["effective_damping"] > 0
+    scores = np.load(tmp_path / "a" / "noisy" / "2" / "1.npy", allow_pickle=True).item()
+    assert all(np.isfinite(list(scores.values()))) and len(set(scores.values())) > 1
+    # Another output tree on the same archive and model: the factor file is reused, same scores.
+    second = calculate(workspace, tmp_path / "b", "--method", "ekfac", "--folders", "noisy")
+    assert second.returncode == 0, second.stderr
+    assert "EK-FAC factors reused from" in second.stdout
+    assert np.load(tmp_path / "b" / "noisy" / "2" / "1.npy", allow_pickle=True).item() == scores
