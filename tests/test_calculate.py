@@ -412,3 +412,24 @@ def test_ekfac_method_fits_once_per_archive_and_records_its_damping(workspace, t
     assert second.returncode == 0, second.stderr
     assert "EK-FAC factors reused from" in second.stdout
     assert np.load(tmp_path / "b" / "noisy" / "2" / "1.npy", allow_pickle=True).item() == scores
+
+
+def test_every_record_says_how_far_to_trust_its_top_five(full_run):
+    output_dir, result = full_run
+    for folder, label, n in EXPECTED_ITEMS:
+        solver = json.loads((output_dir / folder / str(label) / f"{n}.json").read_text())["solver"]
+        stability = solver["stability"]  # two chains by default: their scores' top-5 agreement
+        assert stability["k"] == 5 and 0 <= stability["harmful_shared"] <= 5 and 0 <= stability["useful_shared"] <= 5
+        assert stability["stable"] == (stability["harmful_shared"] >= 4 and stability["useful_shared"] >= 4)
+        assert isinstance(solver["converged"], bool) and isinstance(solver["well_posed"], bool)
+    assert result.stdout.count("Trust: ") == len(EXPECTED_ITEMS) + 1  # one per image and the run's summary
+
+
+def test_an_unstable_or_unconverged_answer_is_flagged():
+    from influence import job
+
+    unstable = {"stability": {"k": 5, "harmful_shared": 2, "useful_shared": 5, "stable": False}, "converged": True}
+    assert job._trust(unstable).startswith("unstable top-5 (the two halves share 2/5 harmful, 5/5 useful)")
+    assert "not converged" in job._trust({"converged": False})
+    assert job._trust({"stability": {"k": 5, "harmful_shared": 5, "useful_shared": 4, "stable": True},
+                       "converged": True, "well_posed": True}).startswith("stable top-5")
