@@ -39,6 +39,7 @@ class Summary:
     degenerate: list = field(default_factory=list)  # "folder/label/#n: reason", no ranking drawn
     output_dir: Path = field(default_factory=Path)
     failed: list[tuple[plan.WorkItem, str]] = field(default_factory=list)  # (item, reason)
+    diagnostics: list[dict] = field(default_factory=list)  # the solver's, per computed test image
 
 
 def versions() -> dict:
@@ -174,6 +175,7 @@ def calculate(
                                             fingerprint=fingerprint, identity=identity(item), names=names, echo=echo)
                     held.pop(item).release()  # at once: a kill later in the group leaves no claim on it
                     summary.computed += 1
+                    summary.diagnostics.append(explanation.diagnostics)
                     if degenerate:
                         summary.degenerate.append(f"{item.folder}/{item.label}/#{item.number}: {degenerate}")
             finally:
@@ -191,6 +193,11 @@ def calculate(
         f"{summary.skipped} already complete{others}, of {summary.planned} in this shard "
         f"({time.perf_counter() - started:.0f} s) -> {output_dir}"
     )
+    if summary.diagnostics:
+        from influence import solvers
+
+        _, advice = solvers.run_summary(summary.diagnostics)
+        echo(f"Trust: {advice}")
     if summary.failed:
         echo(f"{len(summary.failed)} test images failed; their records say why, and a rerun of the same "
              f"command retries them (and only them):")
@@ -354,9 +361,11 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
     }
     top = len(harmful)
     harmful_rows, useful_rows = rows(harmful), rows(useful)
+    trust = _trust(explanation.diagnostics)
     results.write_item(
         files,
-        heading=f"Top {top} {{kind}} training images for {item.folder} label {item.label}, test image #{item.number}",
+        heading=f"Top {top} {{kind}} training images for {item.folder} label {item.label}, test image #{item.number}"
+        + (f"\n{trust.upper()}" if trust.startswith("unstable") or "not converged" in trust else ""),
         test_panel=test_panel, harmful=harmful_rows, useful=useful_rows,
         score_table={str(i): float(s) for i, s in zip(ids, explanation.scores)},
         record={**record, "timings": {name: round(seconds, 4) for name, seconds in explanation.timings.items()}},
@@ -366,4 +375,22 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
     echo(f"Top {top} harmful -> {files.harmful}")
     echo(f"Top {top} useful -> {files.useful}")
     echo(f"All influences dict -> {files.scores}")
+    if trust:
+        echo(f"Trust: {trust}")
     return degenerate
+
+
+def _trust(diagnostics: dict) -> str:
+    """One line on how far to trust a test image's answer: converged, and how stable its top-k is
+    between the two independent halves of the work; empty where the solver says neither."""
+    words = []
+    stability = diagnostics.get("stability")
+    if stability:
+        k = stability["k"]
+        words.append(f"{'stable' if stability['stable'] else 'unstable'} top-{k} (the two halves share "
+                     f"{stability['harmful_shared']}/{k} harmful, {stability['useful_shared']}/{k} useful)")
+    if diagnostics.get("converged") is False:
+        words.append("not converged")
+    if diagnostics.get("well_posed") is False:
+        words.append("H + damping I indefinite")
+    return ", ".join(words)
