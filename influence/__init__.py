@@ -11,7 +11,6 @@ Modules, each with one job:
 - ``models``    classifier loading (VGG16 and saved Keras models)
 - ``job``       the per-test-image batch job behind ``calculate.py``
 - ``figures``, ``outputs``, ``progress``   its figures, atomic writes and progress bars
-- ``demo``      the built-in demo (``demo.py``)
 - ``cli``       what the three scripts share: error handling and quiet start-up
 """
 
