@@ -129,6 +129,27 @@ def test_classifier_trains_deterministically_and_saves_a_regularised_softmax_mod
     assert np.mean(probabilities.argmax(axis=1) == labels) >= 0.7
 
 
+def test_model_file_is_replaced_only_by_a_complete_save(tmp_path, monkeypatch):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    path = tmp_path / "model.keras"
+    demo_train.save_model(model, path)
+    for weights, saved in zip(model.get_weights(), keras.models.load_model(path).get_weights()):
+        np.testing.assert_array_equal(weights, saved)
+    before = path.read_bytes()
+
+    def copy_half_then_fail(source, target):
+        Path(target).write_bytes(Path(source).read_bytes()[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(demo_train.shutil, "copyfile", copy_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        demo_train.save_model(model, path)
+    assert path.read_bytes() == before  # the previous model stays whole
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]  # no temporary left behind
+
+
 # -- report -------------------------------------------------------------------------------
 
 
