@@ -384,7 +384,13 @@ def test_a_failing_script_stops_the_demo_with_its_status_and_no_report(tmp_path,
     (scripts / "prepare_data.py").write_text("import sys\nprint('cannot read that')\nsys.exit(3)\n")
     monkeypatch.setattr(demo_run, "ROOT", scripts)
     out = tmp_path / "out"
+    # A run killed while saving its model left a temporary behind: the next run sweeps it up.
+    killed = "from influence.outputs import atomic_path; import os, sys\n" \
+             "with atomic_path(sys.argv[1]) as t:\n    open(t, 'w').write('half'); os._exit(9)\n"
+    subprocess.run([sys.executable, "-c", killed, str(out / "model.keras")], cwd=ROOT, check=False)
+    assert [p.name for p in out.iterdir()][0].startswith(".model.keras.tmp-")
     status = demo_run.main(["--out", str(out), "--train-per-class", "5", "--test-per-class", "1", "--epochs", "1"])
     assert status == 1
     assert "prepare_data.py exited with status 3" in capsys.readouterr().err
     assert (out / "model.keras").exists() and not (out / "report.json").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]

@@ -34,7 +34,7 @@ from examples.digits.settings import (
 from examples.digits.train import train_classifier
 from influence import cli
 from influence.errors import UserError
-from influence.outputs import write_json
+from influence.outputs import remove_stale_temporaries, write_json
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: where the three scripts live
 
@@ -177,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"--out {out_dir}: cannot create it ({error.strerror})") from None
+        remove_stale_temporaries(out_dir)  # a killed run's half-saved model, say
         # First, so that a run interrupted from here on is known as the demo's and redone.
         write_json(out_dir / SETTINGS_FILE, {**asdict(settings), "complete": False})
         print(f"Write the digit scans to {data_dir}/{{train,orig,noisy}}...", end=" ", flush=True)
