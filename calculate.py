@@ -28,13 +28,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
+def damping_value(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1) (LiSSA's damping coefficient)")
     return value
 
 
@@ -70,7 +70,7 @@ def build_parser() -> cli.ArgumentParser:
         "--score-batch-size", type=positive_int, default=32, help="training images per scoring pass (default 32)"
     )
     lissa.add_argument(
-        "--damping", type=non_negative_float, default=0.01,
+        "--damping", type=damping_value, default=0.01,
         help="LiSSA damping (default 0.01); the Hessian inverted is H + damping*scale*I",
     )
     lissa.add_argument(
@@ -133,22 +133,26 @@ def main(argv=None) -> int:
     # A batch scheduler's SIGTERM unwinds like Ctrl-C, so no half-written file is left behind.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-    from influence import job
+    from influence import job, plan
+    from influence.settings import PresentationSettings, ScoringSettings, Settings, SolverSettings
 
-    job.parse_shard(args.shard)  # a bad --shard fails before the archives are opened
-    settings = job.Settings(
-        depth=args.depth,
-        batch_size=args.batch_size,
-        score_batch_size=args.score_batch_size,
-        damping=args.damping,
-        scale=args.scale,
-        repeat=args.repeat,
-        layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()) if args.layers else None,
-        last_layers=args.last_layers,
-        seed=args.seed,
-        top=args.top,
-        all_labels=args.all_labels,
-        save_format=args.save_format,
+    plan.parse_shard(args.shard)  # a bad --shard fails before the archives are opened
+    settings = Settings(
+        solver=SolverSettings(
+            depth=args.depth,
+            batch_size=args.batch_size,
+            damping=args.damping,
+            scale=args.scale,
+            repeat=args.repeat,
+            seed=args.seed,
+        ),
+        scoring=ScoringSettings(
+            layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()) if args.layers else None,
+            last_layers=args.last_layers,
+            all_labels=args.all_labels,
+            score_batch_size=args.score_batch_size,
+        ),
+        presentation=PresentationSettings(top=args.top, save_format=args.save_format),
     )
     job.calculate(
         train_path=args.train,

@@ -7,10 +7,18 @@ Modules, each with one job:
 - ``folders``   class folders -> labels (WordNet ids, natural sort, test-name resolution)
 - ``decode``    Pillow decoding to RGB uint8, in parallel and in order
 - ``prepare``   image folders -> archives (``prepare_data.py``, ``prepare_only_test.py``)
-- ``losses``, ``params``, ``hvp``, ``ihvp``, ``scores``   the influence engine
+- ``losses``, ``params``, ``hvp``, ``scores``   the influence engine: loss, parameters,
+  Hessian-vector products, influence scores
+- ``sampling``  the one training-minibatch sampler (uniform over the whole training set)
+- ``ihvp``      inverse-Hessian-vector product algorithms (LiSSA, CG, exact), on an HVP function
+- ``solvers``   the two-phase solver interface: prepared once per run, applied per test gradient
 - ``models``    classifier loading (VGG16 and saved Keras models)
-- ``job``       the per-test-image batch job behind ``calculate.py``
-- ``figures``, ``outputs``, ``progress``   its figures, atomic writes and progress bars
+- ``settings``  a run's settings: solver, scoring, presentation
+- ``plan``      calculate.py's work items, shards and resume state
+- ``explain``   one test image's explanation: test gradient, s_test, scores
+- ``results``   the output tree (figures, score tables, records): the only code that reads or writes it
+- ``job``       the orchestrator behind ``calculate.py``
+- ``figures``, ``outputs``, ``progress``   figures, atomic writes and progress bars
 - ``cli``       what the three scripts share: error handling and quiet start-up
 """
 

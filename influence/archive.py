@@ -513,6 +513,22 @@ def open_test(path) -> TestArchive:
     return TestArchive(path)
 
 
+def format_image_size(image_size) -> str:
+    """(H, W) -> ``"224"`` or ``"64x48"`` (width x height), as on the command line."""
+    height, width = image_size
+    return str(width) if width == height else f"{width}x{height}"
+
+
+def class_names(train: TrainArchive, test: TestArchive) -> dict[int, str]:
+    """Label -> class name from both archives' metadata (all 1000 with ImageNet labelling)."""
+    from influence import imagenet
+
+    names = dict(imagenet.names()) if train.meta.get("labeling") == "imagenet" else {}
+    names.update(test.class_names)
+    names.update(train.class_names)
+    return names
+
+
 def read_meta(path) -> dict:
     """The metadata of a train or test archive, without reading its index."""
     with _NpzReader(path, None) as reader:

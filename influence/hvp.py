@@ -21,10 +21,9 @@ of thousands of products traces once (twice if the last batch is smaller).
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterator
+from typing import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from influence import losses
@@ -163,7 +162,7 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
     """``hvp_fn(vec) -> H_j vec`` where ``H_j`` is the objective's Hessian on the NEXT minibatch.
 
     ``batches``: an iterator (or a callable returning the next) of ``(x, y)`` training
-    minibatches, drawn at random from the whole training set (see :func:`minibatches`).
+    minibatches, drawn at random from the whole training set (a :class:`influence.sampling.MinibatchSampler`).
     ``vec`` and the result are lists of tensors shaped like ``variables``.
     ``form``: ``"forward_over_backward"``, ``"summed_gradient"`` or ``"auto"``; the form
     actually used is ``hvp_fn.form``.
@@ -178,29 +177,9 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
             x, y = as_batch(*next_batch())
         except StopIteration:
             raise UserError("the training minibatches ran out before LiSSA finished; "
-                            "pass an endless source such as hvp.minibatches(...)") from None
+                            "pass an endless source such as sampling.MinibatchSampler") from None
         vec = [tf.cast(part, dtype) for part, dtype in zip(vec, dtypes)]
         return product(x, y, vec)
 
     hvp_fn.form = form
     return hvp_fn
-
-
-def minibatches(x, y, batch_size: int, seed: int | None = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless random minibatches ``(x[idx], y[idx])`` drawn from the whole in-memory set.
-
-    Each batch is ``batch_size`` distinct examples drawn uniformly; a ``batch_size`` of at
-    least ``len(x)`` yields the full set every time (the exact Hessian, for validation).
-    """
-    count = len(x)
-    if count == 0 or len(y) != count:
-        raise UserError(f"need as many labels as images (and at least one): {count} images, {len(y)} labels")
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, not {batch_size}")
-    rng = np.random.default_rng(seed)
-    while True:
-        if batch_size >= count:
-            yield x, y
-        else:
-            index = np.sort(rng.choice(count, size=batch_size, replace=False))
-            yield x[index], y[index]

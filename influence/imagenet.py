@@ -59,3 +59,9 @@ def looks_like_wnid(name: str) -> bool:
 def class_name(label: int) -> str:
     """Human name of an ImageNet label (``0`` -> ``"tench"``)."""
     return classes()[label][1]
+
+
+@functools.lru_cache(maxsize=1)
+def names() -> dict[int, str]:
+    """``{label: human name}`` for all 1000 classes."""
+    return {label: name for label, (_, name) in enumerate(classes())}

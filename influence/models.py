@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from influence import losses
+from influence.archive import format_image_size
 from influence.errors import UserError
 
 VGG16_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
@@ -358,9 +359,8 @@ def check_image_size(loaded: LoadedModel, image_size: Sequence[int]) -> None:
     if (want_height in (None, height)) and (want_width in (None, width)):
         return
     want_height, want_width = want_height or height, want_width or width
-    size = f"{want_height}" if want_height == want_width else f"{want_height}x{want_width}"
     raise UserError(
         f"the archive's images are {height}x{width} (height x width) but {loaded.description} "
         f"takes {want_height}x{want_width}; prepare the archives again with "
-        f"`python prepare_data.py --image-size {size} ...`"
+        f"`python prepare_data.py --image-size {format_image_size((want_height, want_width))} ...`"
     )

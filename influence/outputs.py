@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import socket
+import tempfile
 
 import numpy as np
+
+from influence.errors import UserError
 
 TEMPORARY_MARK = ".tmp-"
 
@@ -95,3 +98,22 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> int:
             leftover.unlink()
             removed += 1
     return removed
+
+
+def check_writable_dir(out_dir: str | os.PathLike) -> None:
+    """A :class:`UserError` unless ``out_dir`` is, or can be created as, a writable folder."""
+    existing = Path(os.path.abspath(out_dir))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"output directory {out_dir} cannot be created: {existing} is not a folder")
+    if existing != Path(os.path.abspath(out_dir)):
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"output directory {out_dir} cannot be created: {existing} is not writable")
+        return
+    try:
+        # Trying is the only test that also holds for root and read-only file systems.
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise UserError(f"output directory {out_dir} is not writable: {error.strerror}") from None

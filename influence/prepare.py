@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from influence import archive
+from influence import archive, outputs
 from influence.decode import CHUNK, Decoded, decode_images, default_workers
 from influence.errors import UserError
 from influence.folders import (
@@ -52,12 +51,6 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def format_image_size(image_size) -> str:
-    """(H, W) -> ``"224"`` or ``"64x48"`` (width x height), as on the command line."""
-    height, width = image_size
-    return str(width) if width == height else f"{width}x{height}"
-
-
 @dataclass
 class ImageFolder:
     """A train or test folder: its class folders, their labels and image files."""
@@ -86,25 +79,6 @@ def check_settings(*, batch_size: int | None = None, workers: int) -> None:
         raise UserError(f"batch size {batch_size} is invalid: it must be at least 1 (default {DEFAULT_BATCH_SIZE})")
     if workers < 1:
         raise UserError(f"--workers {workers} is invalid: it must be at least 1")
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """A :class:`UserError` unless ``out_dir`` is, or can be created as, a writable folder."""
-    existing = Path(os.path.abspath(out_dir))
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"output directory {out_dir} cannot be created: {existing} is not a folder")
-    if existing != Path(os.path.abspath(out_dir)):
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"output directory {out_dir} cannot be created: {existing} is not writable")
-        return
-    try:
-        # Trying is the only test that also holds for root and read-only file systems.
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as error:
-        raise UserError(f"output directory {out_dir} is not writable: {error.strerror}") from None
 
 
 def check_test_folder_names(tests: list[Path]) -> list[str]:
@@ -332,7 +306,7 @@ def prepare_data(*, train, tests, out_dir=".", image_size=DEFAULT_IMAGE_SIZE, ba
     out_dir = Path(out_dir)
     check_settings(batch_size=batch_size, workers=workers)
     names = check_test_folder_names(tests)
-    check_out_dir(out_dir)
+    outputs.check_writable_dir(out_dir)
     class_names, ignored, classes = train_classes(Path(train))
     test_folders = [scan_test(path, name, classes) for path, name in zip(tests, names)]
     train_folder = scan_train(Path(train), class_names, ignored, classes)
@@ -364,15 +338,15 @@ def prepare_only_test(*, tests, out_dir=".", image_size=None, strict=False, work
     out_dir = Path(out_dir)
     check_settings(workers=workers)
     names = check_test_folder_names(tests)
-    check_out_dir(out_dir)
+    outputs.check_writable_dir(out_dir)
     train_path = out_dir / TRAIN_ARCHIVE
     classes = None
     if train_path.exists():
         with archive.open_train(train_path) as train:
             classes = Classes.from_meta(train.meta)
             if image_size is not None and tuple(image_size) != train.image_size:
-                raise UserError(f"--image-size {format_image_size(image_size)} differs from {train_path}'s "
-                                f"{format_image_size(train.image_size)}: test and train images must match")
+                raise UserError(f"--image-size {archive.format_image_size(image_size)} differs from {train_path}'s "
+                                f"{archive.format_image_size(train.image_size)}: test and train images must match")
             image_size = train.image_size
     image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
     test_folders = [scan_test(path, name, classes) for path, name in zip(tests, names)]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -143,11 +144,13 @@ def test_record_top_rows_are_the_dictionary_extremes(workspace, full_run):
         assert [row["score"] for row in record["harmful"]] == [scores[i] for i in ranked[:5]]
         assert record["label"] == label and record["folder"] == folder and record["number"] == n
         assert record["test_id"].startswith(f"{label}/")
-        settings = record["settings"]
-        assert settings["depth"] == 6 and settings["batch_size"] == 4 and settings["seed"] == 3
-        assert settings["scale_used"] > 0 and settings["effective_damping"] == pytest.approx(0.01 * settings["scale_used"])
+        solver, settings = record["solver"], record["settings"]
+        assert settings["solver"]["depth"] == 6 and settings["solver"]["batch_size"] == 4
+        assert settings["solver"]["seed"] == 3
+        assert solver["method"] == "lissa"
+        assert solver["scale_used"] > 0 and solver["effective_damping"] == pytest.approx(0.01 * solver["scale_used"])
         assert len(settings["model_sha256"]) == 64
-        norms = np.asarray(record["lissa_norms"])
+        norms = np.asarray(solver["lissa_norms"])
         assert norms.shape == (1, 6) and np.all(np.isfinite(norms)) and np.all(norms > 0)
         assert set(record["versions"]) >= {"tensorflow", "keras", "numpy", "python"}
 
@@ -166,7 +169,7 @@ def test_scores_equal_the_engine(workspace, full_run):
     import keras
     import tensorflow as tf
 
-    from influence import archive, hvp, ihvp, job, params, scores
+    from influence import archive, hvp, ihvp, params, scores
 
     output_dir, _ = full_run
     record = json.loads((output_dir / "orig" / "1" / "1.json").read_text())
@@ -177,10 +180,14 @@ def test_scores_equal_the_engine(workspace, full_run):
         row = int(np.flatnonzero(np.asarray(orig.labels) == 1)[0])
         variables = params.select(model)
         v = hvp.loss_gradient(model, variables, preprocess(orig.images[row][None]), np.array([1]))
-        minibatches = job.TrainingMinibatches(train, preprocess, 4)
-        minibatches.reseed(*job.item_seed(3, job.WorkItem("orig", 1, 1, row)))
-        hvp_fn = hvp.training_hvp(model, variables, minibatches)
-        result = ihvp.lissa(hvp_fn, v, depth=6, damping=0.01, scale=record["settings"]["scale_used"], repeat=1)
+        # The minibatches the job must draw, recomputed here from the documented key
+        # (seed, crc32(folder), label, number) with NumPy alone, not with the job's sampler.
+        rng = np.random.default_rng([3, zlib.crc32(b"orig"), 1, 1])
+        labels = np.asarray(train.labels)
+        drawn = [np.sort(rng.choice(len(train), size=4, replace=False)) for _ in range(6)]
+        batches = iter([(preprocess(train.read(index)), labels[index]) for index in drawn])
+        hvp_fn = hvp.training_hvp(model, variables, batches)
+        result = ihvp.lissa(hvp_fn, v, depth=6, damping=0.01, scale=record["solver"]["scale_used"], repeat=1)
         indices = train.label_indices(1)
         expected = scores.influence_scores(
             model, variables, result.s_test, preprocess(train.read(indices)), np.asarray(train.labels)[indices]
@@ -252,7 +259,7 @@ def test_changed_settings_are_refused_without_overwrite(workspace, full_run):
     before = result_files(output_dir)
     result = calculate(workspace, output_dir, "-i", "3")
     assert result.returncode == 2
-    assert "other settings (depth differ" in result.stderr and "--overwrite" in result.stderr
+    assert "other settings (solver.depth differ" in result.stderr and "--overwrite" in result.stderr
     assert result_files(output_dir) == before
 
 
@@ -278,6 +285,8 @@ def bad_inputs(workspace):
         (["--layers", "nonesuch"], "nonesuch"),
         (["-i", "0"], "'0' is not a positive integer"),
         (["--scale", "-1"], "neither 'auto' nor a finite number > 0"),
+        (["--damping", "1"], "'1' is not a number in [0, 1)"),
+        (["--damping", "-0.5"], "'-0.5' is not a number in [0, 1)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, args, message):

@@ -6,12 +6,13 @@ import tensorflow as tf
 
 from engine_models import (explicit_hessian, flat, hand_cross_entropy, mlp, random_vector,
                            small_cnn, image_data, tabular_data)
+from influence.sampling import MinibatchSampler
 from influence import hvp, params
 from influence.errors import UserError
 
 
 def _product(model, variables, x, y, form, vector):
-    hvp_fn = hvp.training_hvp(model, variables, hvp.minibatches(x, y, len(x)), form=form)
+    hvp_fn = hvp.training_hvp(model, variables, MinibatchSampler.from_arrays(x, y, len(x)), form=form)
     return flat(hvp_fn(vector))
 
 
@@ -99,7 +100,7 @@ def test_loss_gradient_is_mean_gradient_without_regulariser():
 def test_minibatches_draw_distinct_examples_from_the_whole_set():
     x = np.arange(100)[:, None].astype(np.float32)
     y = np.arange(100)
-    stream = hvp.minibatches(x, y, 8, seed=0)
+    stream = MinibatchSampler.from_arrays(x, y, 8, seed=0)
     seen = set()
     for _ in range(200):
         bx, by = next(stream)
@@ -107,9 +108,9 @@ def test_minibatches_draw_distinct_examples_from_the_whole_set():
         np.testing.assert_array_equal(bx[:, 0], by)  # images stay with their labels
         seen.update(by.tolist())
     assert seen == set(range(100))
-    again = hvp.minibatches(x, y, 8, seed=0)
-    np.testing.assert_array_equal(next(again)[1], next(hvp.minibatches(x, y, 8, seed=0))[1])
-    full_x, full_y = next(hvp.minibatches(x, y, 500, seed=0))
+    again = MinibatchSampler.from_arrays(x, y, 8, seed=0)
+    np.testing.assert_array_equal(next(again)[1], next(MinibatchSampler.from_arrays(x, y, 8, seed=0))[1])
+    full_x, full_y = next(MinibatchSampler.from_arrays(x, y, 500, seed=0))
     np.testing.assert_array_equal(full_y, y)
     with pytest.raises(UserError, match="at least 1"):
-        next(hvp.minibatches(x, y, 0))
+        next(MinibatchSampler.from_arrays(x, y, 0))

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from engine_models import (explicit_hessian, flat, mlp, random_vector, softmax_regression,
                            tabular_data)
+from influence.sampling import MinibatchSampler
 from influence import hvp, ihvp, params
 from influence.errors import UserError
 
@@ -72,7 +73,7 @@ def test_lissa_on_a_model_converges_to_the_damped_solve():
     model = softmax_regression(l2=0.01)
     x, y = tabular_data(40)
     variables = params.select(model)
-    hvp_fn = hvp.training_hvp(model, variables, hvp.minibatches(x, y, len(x)))  # full batch
+    hvp_fn = hvp.training_hvp(model, variables, MinibatchSampler.from_arrays(x, y, len(x)))  # full batch
     v = hvp.loss_gradient(model, variables, x[:1], y[:1])
     result = ihvp.lissa(hvp_fn, v, depth=600, damping=0.001, scale="auto")
     hessian = explicit_hessian(model, variables, x, y)
@@ -87,7 +88,7 @@ def test_lissa_with_random_minibatches_approaches_the_full_batch_answer():
     x, y = tabular_data(64)
     variables = params.select(model)
     v = hvp.loss_gradient(model, variables, x[:1], y[:1])
-    hvp_fn = hvp.training_hvp(model, variables, hvp.minibatches(x, y, 32, seed=0))
+    hvp_fn = hvp.training_hvp(model, variables, MinibatchSampler.from_arrays(x, y, 32, seed=0))
     scale = ihvp.estimate_scale(hvp_fn, like=v, damping=0.01)
     result = ihvp.lissa(hvp_fn, v, depth=200, damping=0.01, scale=scale, repeat=8)
     damped = result.effective_damping * np.eye(params.count(variables))
@@ -132,7 +133,7 @@ def test_auto_scale_on_a_model_where_a_small_scale_goes_to_nan():
     model = softmax_regression(l2=0.01)
     x, y = tabular_data(40)
     variables = params.select(model)
-    hvp_fn = hvp.training_hvp(model, variables, hvp.minibatches(x, y, len(x)))
+    hvp_fn = hvp.training_hvp(model, variables, MinibatchSampler.from_arrays(x, y, len(x)))
     v = hvp.loss_gradient(model, variables, x[:1], y[:1])
     hessian = explicit_hessian(model, variables, x, y)
     small = np.linalg.eigvalsh(hessian)[-1] / 4
@@ -149,7 +150,7 @@ def test_negative_curvature_needs_damping_and_the_guard_says_so():
     model = mlp(softmax=True, regularise=0.05)  # random weights: an indefinite Hessian
     x, y = tabular_data(32)
     variables = params.select(model)
-    hvp_fn = hvp.training_hvp(model, variables, hvp.minibatches(x, y, len(x)))
+    hvp_fn = hvp.training_hvp(model, variables, MinibatchSampler.from_arrays(x, y, len(x)))
     v = hvp.loss_gradient(model, variables, x[:1], y[:1])
     hessian = explicit_hessian(model, variables, x, y)
     scale = ihvp.estimate_scale(hvp_fn, like=v)
@@ -167,7 +168,7 @@ def test_conjugate_gradient_and_exact_solve_agree():
     model = mlp(softmax=False, regularise=0.05)
     x, y = tabular_data(32)
     variables = params.select(model)
-    hvp_fn = hvp.training_hvp(model, variables, hvp.minibatches(x, y, len(x)))
+    hvp_fn = hvp.training_hvp(model, variables, MinibatchSampler.from_arrays(x, y, len(x)))
     v = random_vector(variables, seed=9)
     damping = 1.2  # enough to make this random network's Hessian positive definite
     hessian = explicit_hessian(model, variables, x, y)

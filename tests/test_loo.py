@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine_models import flat, softmax_regression, tabular_data
+from influence.sampling import MinibatchSampler
 from influence import hvp, ihvp, losses, params, scores
 
 INPUTS, CLASSES, N_TRAIN, N_TEST, L2 = 8, 3, 500, 50, 0.003
@@ -74,7 +75,7 @@ def test_scores_predict_leave_one_out_retraining():
 
     variables = params.select(model)
     v = hvp.loss_gradient(model, variables, *z_test)
-    hvp_fn = hvp.training_hvp(model, variables, hvp.minibatches(x, y, N_TRAIN))  # full batch
+    hvp_fn = hvp.training_hvp(model, variables, MinibatchSampler.from_arrays(x, y, N_TRAIN))  # full batch
     lissa = ihvp.lissa(hvp_fn, v, depth=3000, damping=0.0, scale="auto")
     exact = ihvp.exact_solve(hvp_fn, v, damping=0.0)
     s_error = np.linalg.norm(flat(lissa.s_test) - flat(exact.s_test)) / np.linalg.norm(flat(exact.s_test))

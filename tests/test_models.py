@@ -364,8 +364,13 @@ def test_check_image_size():
     message = str(error.value)
     assert "32x32" in message and "224x224" in message and "model tiny.keras" in message
     assert "prepare_data.py --image-size 224 " in message
-    with pytest.raises(UserError, match="--image-size 64x48"):
+    # A model of height 64 and width 48: prepare_data.py's --image-size is WIDTHxHEIGHT.
+    with pytest.raises(UserError, match="--image-size 48x64") as error:
         models.check_image_size(_loaded_stub((64, 48)), np.array([48, 64]))
+    from influence.prepare import parse_image_size
+
+    suggested = str(error.value).split("--image-size ")[1].split()[0]
+    assert parse_image_size(suggested) == (64, 48)
 
 
 # --- preprocessing --------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""One test image's explanation: its test gradient, ``s_test`` and the scores of training images.
+
+:func:`prepare_engine` does, once per run, what every test image shares: the parameters,
+the training-minibatch sampler and the prepared solver (LiSSA's scale, say).
+:func:`explain` then computes, for one test image,
+
+1. ``v = grad L(z_test)`` (no regularisers);
+2. ``s_test = (H + lambda I)^-1 v`` with the prepared solver, its random draws keyed by the item;
+3. ``score(z) = s_test . grad L(z)`` for every training image of the label (or of the whole
+   set with ``all_labels``), in batches (:func:`influence.scores.influence_scores`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from influence.errors import UserError
+from influence.plan import WorkItem, item_seed
+from influence.progress import EstimateBar, progress_bar
+from influence.settings import Settings
+
+
+@dataclass
+class Engine:
+    """What every test image of a run shares."""
+
+    model: object  # keras.Model
+    preprocess: Callable
+    variables: list
+    prepared: object  # solvers.PreparedSolver
+    hvp_form: str
+
+    @property
+    def parameters(self) -> int:
+        from influence import params
+
+        return params.count(self.variables)
+
+
+def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None]) -> Engine:
+    """Parameters, the Hessian-vector product and the prepared solver: once per run."""
+    from influence import params, sampling, solvers
+
+    scoring = settings.scoring
+    variables = params.select(loaded.model, layers=list(scoring.layers) if scoring.layers else None,
+                              last=scoring.last_layers)
+    sampler = sampling.MinibatchSampler(sampling.ArchiveSource(train, loaded.preprocess), settings.solver.batch_size)
+    curvature = solvers.TrainingCurvature.build(loaded.model, variables, sampler, seed=settings.solver.seed, echo=echo)
+    prepared = settings.solver.solver().prepare(curvature)
+    return Engine(model=loaded.model, preprocess=loaded.preprocess, variables=variables, prepared=prepared,
+                  hvp_form=getattr(curvature.hvp_fn, "form", "auto"))
+
+
+@dataclass
+class LabelSubset:
+    """The training images scored for one label (or for every label), read once for all its test images."""
+
+    key: tuple
+    indices: np.ndarray  # (k,) global training indices
+    images: np.ndarray | None  # (k, H, W, 3) uint8; None with all_labels (streamed instead)
+
+    def batches(self, train, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(indices, images) batches covering the subset, in its order."""
+        if self.images is None:
+            yield from train.iter_all(batch_size)
+            return
+        for start in range(0, len(self.indices), batch_size):
+            yield self.indices[start:start + batch_size], self.images[start:start + batch_size]
+
+
+def subset_key(item: WorkItem, settings: Settings) -> tuple:
+    return ("all",) if settings.scoring.all_labels else (item.folder, item.label)
+
+
+def load_label_subset(train, item: WorkItem, settings: Settings, echo) -> LabelSubset:
+    """One ImageNet class is about 1,300 images, 195 MB as uint8: held in memory for its test
+    images. The whole set (``all_labels``) is streamed batch by batch for every test image."""
+    key = subset_key(item, settings)
+    if settings.scoring.all_labels:
+        echo(f"Create label subset for all {len(train.class_names)} classes...", end="")
+        subset = LabelSubset(key, np.arange(len(train)), None)
+    else:
+        echo(f"Create label subset for {item.label} class...", end="")
+        indices = train.label_indices(item.label)
+        subset = LabelSubset(key, indices, train.read(indices))
+    echo(" finished")
+    return subset
+
+
+@dataclass
+class Explanation:
+    """One test image's influence scores and what produced them."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    predicted: int
+    test_loss: float
+    indices: np.ndarray  # (k,) global training indices scored
+    scores: np.ndarray  # (k,) float64, aligned with indices
+    diagnostics: dict  # the solver's, for this test image
+    timings: dict
+
+
+def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, engine: Engine,
+            settings: Settings) -> Explanation:
+    """Test gradient, ``s_test`` and the scores of the subset's training images for one test image."""
+    from influence import hvp, losses, scores
+
+    timings = {}
+    x_test = engine.preprocess(image[None])
+    y_test = np.array([item.label])
+
+    began = time.perf_counter()
+    predicted = int(np.argmax(engine.model(x_test, training=False)[0]))
+    test_loss = float(losses.per_example_loss(engine.model)(x_test, y_test)[0])
+    v = hvp.loss_gradient(engine.model, engine.variables, x_test, y_test)
+    timings["test_gradient_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    steps = getattr(engine.prepared, "steps", None)
+    with EstimateBar(total=steps, desc="IHVP calculation", disable=steps is None) as bar:
+        solution = engine.prepared.solve(v, key=item_seed(settings.solver.seed, item),
+                                         callback=lambda done, total, norm: bar.update(done - bar.n))
+    timings["solve_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    scored_indices, scored = [], []
+    with progress_bar(total=len(subset.indices), desc="Batch influences", unit="img") as bar:
+        for indices, images in subset.batches(train, settings.scoring.score_batch_size):
+            batch_scores = scores.influence_scores(engine.model, engine.variables, solution.s_test,
+                                                   engine.preprocess(images), train.labels[indices])
+            scored_indices.append(indices)
+            scored.append(np.asarray(batch_scores, dtype=np.float64))
+            bar.update(len(indices))
+    all_scores = np.concatenate(scored)
+    if not np.all(np.isfinite(all_scores)):
+        raise UserError(
+            f"non-finite influence scores for {item.folder}/{item.label} test image #{item.number}; "
+            f"LiSSA did not converge: raise --scale or --damping"
+        )
+    timings["scoring_s"] = time.perf_counter() - began
+    return Explanation(image, predicted, test_loss, np.concatenate(scored_indices), all_scores,
+                       solution.diagnostics, timings)

@@ -1,0 +1,125 @@
+"""The output tree of ``calculate.py``: the only module that writes or reads it.
+
+For each test folder, label and test image number ``n`` (1-based among the folder's test
+images with that label)::
+
+    <output_dir>/<folder>/<label>/harmful_<n>.<fmt>   the test image and its top harmful training images
+    <output_dir>/<folder>/<label>/useful_<n>.<fmt>    ... and its top useful ones
+    <output_dir>/<folder>/<label>/<n>.npy             every score: {training id: score}, a pickled dict
+    <output_dir>/<folder>/<label>/<n>.json            the record, written last: its presence marks the item complete
+
+Every file is written atomically (:mod:`influence.outputs`). ``docs/formats.md`` describes
+the record's fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from influence import outputs
+from influence.figures import Panel, plot_influence_row
+
+RECORD_VERSION = 2
+SIGN_CONVENTION = (
+    "score = s_test . grad L(z); positive: removing z would raise the test loss (useful); "
+    "negative: harmful; score / n_train predicts the leave-one-out change in test loss"
+)
+
+
+@dataclass(frozen=True)
+class ItemFiles:
+    directory: Path
+    harmful: Path
+    useful: Path
+    scores: Path
+    record: Path
+
+    @property
+    def results(self) -> tuple[Path, ...]:
+        return (self.harmful, self.useful, self.scores)
+
+
+def item_files(output_dir: Path, folder: str, label: int, number: int, save_format: str) -> ItemFiles:
+    directory = Path(output_dir) / folder / str(label)
+    return ItemFiles(
+        directory=directory,
+        harmful=directory / f"harmful_{number}.{save_format}",
+        useful=directory / f"useful_{number}.{save_format}",
+        scores=directory / f"{number}.npy",
+        record=directory / f"{number}.json",
+    )
+
+
+def read_record(files: ItemFiles) -> dict | None:
+    """The item's JSON record if it is there and parses, else None."""
+    try:
+        return json.loads(files.record.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def results_present(files: ItemFiles) -> bool:
+    """Every result file (figures and score table) present and non-empty."""
+    return all(path.is_file() and path.stat().st_size > 0 for path in files.results)
+
+
+def load_scores(path: str | Path) -> dict[str, float]:
+    """``{training id: score}`` from a ``<n>.npy`` score table."""
+    return np.load(path, allow_pickle=True).item()
+
+
+def ranked(scores: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the ``top`` most harmful (most negative first) and most useful (most
+    positive first) scores; ties keep the scored order."""
+    order = np.argsort(scores, kind="stable")
+    return order[:top], order[::-1][:top]
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """One scored training image as shown in a figure and listed in the record."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    id: str
+    label: int
+    score: float
+
+
+def write_item(files: ItemFiles, *, heading: str, test_panel: Panel, harmful: list[TrainingRow],
+               useful: list[TrainingRow], score_table: dict[str, float], record: dict) -> None:
+    """The figures, the score table, then the record (last: it marks the item complete)."""
+    for kind, rows, path in (("harmful", harmful, files.harmful), ("useful", useful, files.useful)):
+        plot_influence_row(
+            path,
+            heading=heading.format(kind=kind),
+            test=test_panel,
+            train=[Panel(row.image, f"{row.score:+.3g}\n{row.id}") for row in rows],
+        )
+    outputs.write_pickled_dict(files.scores, score_table)
+    table = lambda rows: [{"id": row.id, "label": row.label, "score": row.score} for row in rows]  # noqa: E731
+    outputs.write_json(files.record, {
+        "record_version": RECORD_VERSION,
+        **record,
+        "harmful": table(harmful),
+        "useful": table(useful),
+        "sign_convention": SIGN_CONVENTION,
+        "files": [path.name for path in files.results],
+    })
+
+
+def iter_folder(output_dir: str | Path, folder: str) -> Iterator[dict]:
+    """Every complete result of one test folder, in archive order (label, then number): the
+    record with ``number``, ``record_path`` and ``scores`` (the full score table) added."""
+    root = Path(output_dir) / folder
+    paths = [p for p in root.glob("*/*.json") if p.stem.isdigit() and p.parent.name.lstrip("-").isdigit()]
+    for path in sorted(paths, key=lambda p: (int(p.parent.name), int(p.stem))):
+        record = json.loads(path.read_text())
+        record["number"] = int(path.stem)
+        record["record_path"] = str(path)
+        record["scores"] = load_scores(path.with_suffix(".npy"))
+        yield record

@@ -1,0 +1,77 @@
+"""A run's settings, split by who reads them.
+
+- :class:`SolverSettings`: how ``s_test`` is solved (the method and its knobs, the minibatches
+  of the Hessian, the seed); it builds the :mod:`influence.solvers` solver.
+- :class:`ScoringSettings`: what is scored (the parameters, the training images, the batch).
+- :class:`PresentationSettings`: how results are shown (figure format, images per figure).
+
+The first two decide the numbers and form the fingerprint that every record carries; the
+third only changes the files, so a run may change it and still resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from influence.errors import UserError
+
+METHODS = ("lissa", "cg", "exact")
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    method: str = "lissa"
+    depth: int = 100  # LiSSA steps J per repeat
+    batch_size: int = 8  # training minibatch for each Hessian-vector product
+    damping: float = 0.01  # LiSSA: the recursion's coefficient (effective damping = damping * scale)
+    scale: float | None = None  # None: estimated once per run ("auto")
+    repeat: int = 1  # independent LiSSA runs averaged
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if not 0.0 <= self.damping < 1.0 and self.method == "lissa":
+            raise UserError(f"LiSSA damping must be in [0, 1), not {self.damping!r}")
+
+    def solver(self):
+        from influence import solvers
+
+        if self.method == "cg":
+            return solvers.ConjugateGradientSolver(damping=self.damping)
+        if self.method == "exact":
+            return solvers.ExactSolver(damping=self.damping)
+        return solvers.LissaSolver(depth=self.depth, damping=self.damping, scale=self.scale, repeat=self.repeat)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    layers: tuple[str, ...] | None = None  # parameters: these layers' weights only
+    last_layers: int | None = None  # parameters: the last k layers with weights only
+    all_labels: bool = False  # score the whole training set, not only the test image's label
+    # Part of the fingerprint: float32 rounding differs between batch sizes, which can move a
+    # score near a ReLU or max-pool tie by a visible amount.
+    score_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class PresentationSettings:
+    top: int = 5
+    save_format: str = "png"
+
+
+@dataclass(frozen=True)
+class Settings:
+    solver: SolverSettings = field(default_factory=SolverSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    presentation: PresentationSettings = field(default_factory=PresentationSettings)
+
+    def fingerprint(self) -> dict:
+        """The settings that change the scores (the presentation only changes the files)."""
+        scoring = dataclasses.asdict(self.scoring)
+        scoring["layers"] = list(self.scoring.layers) if self.scoring.layers else None
+        return {"solver": dataclasses.asdict(self.solver), "scoring": scoring}
+
+    def as_dict(self) -> dict:
+        return {**self.fingerprint(), "presentation": dataclasses.asdict(self.presentation)}
