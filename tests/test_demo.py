@@ -20,7 +20,9 @@ from examples.digits import report as demo_report
 from examples.digits import run as demo_run
 from examples.digits import settings as demo_settings
 from examples.digits import train as demo_train
+from influence import results
 from influence.errors import UserError
+from influence.figures import Panel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,12 +169,19 @@ def test_hypergeometric_pmf_and_tail_match_enumeration():
         assert demo_report.random_pick_tail(found=found, images=2, draws=3, population=10, marked=4) == pytest.approx(expected)
 
 
-def write_fake_result(directory: Path, n: int, *, test_id: str, label: int, predicted: int, scores: dict) -> None:
-    """One test image's outputs in calculate.py's layout (see calculate_spec)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    np.save(directory / f"{n}.npy", np.array(scores, dtype=object), allow_pickle=True)
-    (directory / f"{n}.json").write_text(
-        json.dumps({"test_id": test_id, "folder": directory.parent.name, "label": label, "predicted": predicted, "test_loss": 1.0})
+def write_fake_result(calc: Path, folder: str, n: int, *, test_id: str, label: int, predicted: int, scores: dict) -> None:
+    """One test image's outputs, written as calculate.py writes them (through influence.results)."""
+    pixels = np.zeros((4, 4, 3), dtype=np.uint8)
+    ranked = sorted(scores, key=scores.get)
+    row = lambda train_id: results.TrainingRow(image=pixels, id=train_id, label=int(train_id[0]), score=scores[train_id])  # noqa: E731
+    results.write_item(
+        results.item_files(calc, folder, label, n, "png"),
+        heading="top {kind}",
+        test_panel=Panel(pixels, test_id),
+        harmful=[row(i) for i in ranked[:2]],
+        useful=[row(i) for i in ranked[::-1][:2]],
+        score_table=scores,
+        record={"test_id": test_id, "folder": folder, "label": label, "number": n, "predicted": predicted, "test_loss": 1.0},
     )
 
 
@@ -188,14 +197,14 @@ def fake_run(tmp_path: Path, *, all_labels: bool = True):
     base = {train_id: float(i) for i, train_id in enumerate(train_ids)}  # ascending: first ids most harmful
     # orig/0/1: a 0 taken for a 1; a flipped image is the most harmful, the other 4th.
     misread = dict(base, **{"1/digit_0013.png": -5.0, "0/digit_0007.png": 2.5})
-    write_fake_result(calc / "orig" / "0", 1, test_id="0/digit_0100.png", label=0, predicted=1, scores=misread)
+    write_fake_result(calc, "orig", 1, test_id="0/digit_0100.png", label=0, predicted=1, scores=misread)
     # orig/1/1: correct; no flipped image in its top 3.
-    write_fake_result(calc / "orig" / "1", 1, test_id="1/digit_0101.png", label=1, predicted=1, scores=base)
+    write_fake_result(calc, "orig", 1, test_id="1/digit_0101.png", label=1, predicted=1, scores=base)
     # noisy/1/1: a 1 taken for a 0; one flipped image ranked 2nd.
     noisy = dict(base, **{"0/digit_0007.png": 0.5})
     if not all_labels:
         noisy = {k: v for k, v in noisy.items() if k.startswith("1/")}
-    write_fake_result(calc / "noisy" / "1", 1, test_id="1/digit_0101.png", label=1, predicted=0, scores=noisy)
+    write_fake_result(calc, "noisy", 1, test_id="1/digit_0101.png", label=1, predicted=0, scores=noisy)
     return calc, flipped_record, train_ids
 
 
@@ -341,16 +350,16 @@ def test_reduced_demo_runs_the_scripts_and_reports_what_the_scores_show(tmp_path
     for folder in ("orig", "noisy"):
         test_ids, images, labels = demo_data.read_folder_images(out / "data" / folder)
         predictions = np.asarray(model(images / 255.0)).argmax(axis=1)
-        paths = sorted((out / "calc_output" / folder).glob("*/*.json"))  # <label>/<n>.json
-        records = [json.loads(path.read_text()) for path in paths]
+        records = list(results.iter_folder(out / "calc_output", folder))
         assert sorted(r["test_id"] for r in records) == test_ids  # every test image, once
-        for path, record in zip(paths, records):
+        for record in records:
             row = test_ids.index(record["test_id"])
-            assert record["label"] == labels[row] == int(path.parent.name)
+            assert record["label"] == labels[row]
             assert record["predicted"] == predictions[row]
-            scores = np.load(path.with_suffix(".npy"), allow_pickle=True).item()
+            scores = record["scores"]
             assert sorted(scores) == train_ids  # --all-labels: the whole training set is scored
-            assert path.with_name(f"harmful_{path.stem}.png").read_bytes()[:4] == b"\x89PNG"
+            figure = results.item_files(out / "calc_output", folder, record["label"], record["number"], "png").harmful
+            assert figure.read_bytes()[:4] == b"\x89PNG"
             if record["predicted"] != record["label"]:
                 misclassified += 1
                 ranked = sorted(scores, key=scores.get)

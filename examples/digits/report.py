@@ -7,7 +7,6 @@ same at the useful end for contrast.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from examples.digits.settings import FLIPPED_FILE, REPORT_FILE
+from influence import results
 from influence.errors import UserError
 
 
@@ -48,30 +48,28 @@ def ranked_ends(scores: dict, k: int) -> tuple[list[str], list[str]]:
 
 
 def read_results(calc_dir: Path, folder: str, *, save_format: str) -> list[dict]:
-    """calculate.py's results for one test folder, in archive order (label, then n).
+    """calculate.py's results for one test folder, in archive order (label, then n), read
+    through :mod:`influence.results`, the one module that knows the output tree.
 
-    The only code of the demo that knows calculate.py's output tree. Each result:
-    ``n``, ``test_id``, ``label``, ``predicted``, ``test_loss``, ``scores`` (training id
-    -> score), ``source`` (the record's path, for messages) and ``harmful_figure``.
+    Each result: ``n``, ``test_id``, ``label``, ``predicted``, ``test_loss``, ``scores``
+    (training id -> score), ``source`` (the record's path, for messages) and ``harmful_figure``.
     """
-    results = []
-    paths = [p for p in (calc_dir / folder).glob("*/*.json") if p.stem.isdigit() and p.parent.name.isdigit()]
-    for json_path in sorted(paths, key=lambda p: (int(p.parent.name), int(p.stem))):  # archive order
-        record = json.loads(json_path.read_text())
-        n = int(json_path.stem)
-        results.append(
+    found = []
+    for record in results.iter_folder(calc_dir, folder):
+        label, n = int(record["label"]), int(record["number"])
+        found.append(
             {
                 "n": n,
                 "test_id": record["test_id"],
-                "label": int(record["label"]),
+                "label": label,
                 "predicted": int(record["predicted"]),
                 "test_loss": float(record["test_loss"]),
-                "scores": np.load(json_path.with_suffix(".npy"), allow_pickle=True).item(),
-                "source": str(json_path),
-                "harmful_figure": str(json_path.with_name(f"harmful_{n}.{save_format}")),
+                "scores": record["scores"],
+                "source": record["record_path"],
+                "harmful_figure": str(results.item_files(calc_dir, folder, label, n, save_format).harmful),
             }
         )
-    return results
+    return found
 
 
 def label_errors_in(ids: list[str], *, flipped: dict, scores: dict, label: int, predicted: int) -> list[dict]:
@@ -132,13 +130,13 @@ def build_report(
 
     folders, every_image = {}, []
     for folder, expected in test_counts.items():
-        results = read_results(calc_dir, folder, save_format=save_format)
-        if len(results) != expected:
+        folder_results = read_results(calc_dir, folder, save_format=save_format)
+        if len(folder_results) != expected:
             raise UserError(
-                f"{calc_dir / folder} holds results for {len(results)} test images, expected {expected}; "
+                f"{calc_dir / folder} holds results for {len(folder_results)} test images, expected {expected}; "
                 "calculate.py did not finish"
             )
-        for result in results:
+        for result in folder_results:
             scores = result["scores"]
             if set(scores) != train_ids:
                 raise UserError(
@@ -164,7 +162,7 @@ def build_report(
                 }
             )
         folders[folder] = {
-            "test_images": len(results),
+            "test_images": len(folder_results),
             "misclassified": sum(e["predicted"] != e["label"] for e in every_image if e["folder"] == folder),
         }
 
