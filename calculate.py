@@ -58,7 +58,8 @@ def build_parser() -> cli.ArgumentParser:
         description="For every test image: the training images that helped its prediction most (useful) "
         "and hurt it most (harmful), by influence functions (Koh & Liang, 2017).",
         epilog="Sign: score = s_test . grad L(z); positive = useful (removing z would raise the test loss), "
-        "negative = harmful. Example: python calculate.py -i 20 -b 8 -sf pdf",
+        "negative = harmful. Exit status: 0 done, 2 bad input, 3 some test images failed (their records say why; "
+        "a rerun retries them), 130 interrupted. Example: python calculate.py -i 20 -b 8 -sf pdf",
     )
     lissa = parser.add_argument_group("LiSSA and scoring")
     lissa.add_argument("-i", "--depth", type=positive_int, default=100, help="LiSSA steps per repeat (default 100)")
@@ -121,6 +122,10 @@ def build_parser() -> cli.ArgumentParser:
         help="take every n-th test image starting at i (0 <= i < n), for n parallel processes",
     )
     work.add_argument("--overwrite", action="store_true", help="recompute test images whose outputs exist")
+    work.add_argument(
+        "--skip-failed", action="store_true",
+        help="leave test images that failed in an earlier run as they are (default: retry them)",
+    )
     work.add_argument("-v", "--verbose", action="store_true", help="show TensorFlow's start-up messages")
     return parser
 
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
         ),
         presentation=PresentationSettings(top=args.top, save_format=args.save_format),
     )
-    job.calculate(
+    summary = job.calculate(
         train_path=args.train,
         test_path=args.test,
         output_dir=args.output_dir,
@@ -166,9 +171,10 @@ def main(argv=None) -> int:
         labels=args.labels,
         shard=args.shard,
         overwrite=args.overwrite,
+        retry_failed=not args.skip_failed,
         echo=lambda text, end="\n": print(text, end=end, flush=True),
     )
-    return 0
+    return cli.EXIT_SOME_FAILED if summary.failed else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from influence.errors import UserError
 
 EXIT_USAGE = 2
+EXIT_SOME_FAILED = 3  # calculate.py: the run finished, but some test images failed (see their records)
 EXIT_INTERRUPTED = 130
 
 

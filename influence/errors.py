@@ -7,3 +7,8 @@ class UserError(Exception):
     The message names the bad value and, where it can, what would be valid:
     ``UserError(f"no images in {class_dir}")``.
     """
+
+
+class ItemFailed(Exception):
+    """One test image could not be explained (the solver diverged, non-finite numbers, an
+    unreadable image). The batch job records the reason for that image and goes on."""

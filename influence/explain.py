@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from influence.errors import UserError
+from influence.errors import ItemFailed
 from influence.plan import WorkItem, item_seed
 from influence.progress import EstimateBar, progress_bar
 from influence.settings import Settings
@@ -107,7 +107,7 @@ class Explanation:
 def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, engine: Engine,
             settings: Settings) -> Explanation:
     """Test gradient, ``s_test`` and the scores of the subset's training images for one test image."""
-    from influence import hvp, losses, scores
+    from influence import hvp, ihvp, losses, scores
 
     timings = {}
     x_test = engine.preprocess(image[None])
@@ -122,8 +122,11 @@ def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, en
     began = time.perf_counter()
     steps = getattr(engine.prepared, "steps", None)
     with EstimateBar(total=steps, desc="IHVP calculation", disable=steps is None) as bar:
-        solution = engine.prepared.solve(v, key=item_seed(settings.solver.seed, item),
-                                         callback=lambda done, total, norm: bar.update(done - bar.n))
+        try:
+            solution = engine.prepared.solve(v, key=item_seed(settings.solver.seed, item),
+                                             callback=lambda done, total, norm: bar.update(done - bar.n))
+        except ihvp.LissaDivergedError as error:
+            raise ItemFailed(str(error)) from error
     timings["solve_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -137,10 +140,8 @@ def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, en
             bar.update(len(indices))
     all_scores = np.concatenate(scored)
     if not np.all(np.isfinite(all_scores)):
-        raise UserError(
-            f"non-finite influence scores for {item.folder}/{item.label} test image #{item.number}; "
-            f"LiSSA did not converge: raise --scale or --damping"
-        )
+        raise ItemFailed(f"{np.sum(~np.isfinite(all_scores))} of {len(all_scores)} influence scores are not finite; "
+                         f"the solver did not converge: raise --scale or --damping")
     timings["scoring_s"] = time.perf_counter() - began
     return Explanation(image, predicted, test_loss, np.concatenate(scored_indices), all_scores,
                        solution.diagnostics, timings)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from influence import outputs, plan, results
-from influence.errors import UserError
+from influence.errors import ItemFailed, UserError
 from influence.figures import Panel
 from influence.settings import Settings
 
@@ -33,6 +33,7 @@ class Summary:
     skipped: int = 0
     planned: int = 0
     output_dir: Path = field(default_factory=Path)
+    failed: list[tuple[plan.WorkItem, str]] = field(default_factory=list)  # (item, reason)
 
 
 def versions() -> dict:
@@ -60,6 +61,7 @@ def calculate(
     labels: list[int] | None = None,
     shard: str | None = None,
     overwrite: bool = False,
+    retry_failed: bool = True,
     echo: Callable[..., None] = print,
 ) -> Summary:
     """Run the whole job; every check on the input happens before the first solve."""
@@ -102,7 +104,8 @@ def calculate(
             "preprocess": loaded.preprocess_name,
         }
         save_format = settings.presentation.save_format
-        todo = plan.pending_items(output_dir, items, save_format, fingerprint, overwrite=overwrite)
+        todo = plan.pending_items(output_dir, items, save_format, fingerprint, overwrite=overwrite,
+                                  retry_failed=retry_failed)
         summary = Summary(planned=len(items), skipped=len(items) - len(todo), output_dir=output_dir)
         if summary.skipped:
             echo(f"{summary.skipped} of {len(items)} test images already complete in {output_dir}; skipping them")
@@ -116,16 +119,47 @@ def calculate(
             echo(f"Test image #{item.number} in process")
             outputs.remove_stale_temporaries(files.directory)
             test_set = test.folder(item.folder)
-            explanation = explain.explain(item=item, image=np.asarray(test_set.images[item.row]), train=train,
-                                          subset=subset, engine=engine, settings=settings)
-            _write(files, item, str(test_set.ids[item.row]), explanation, train=train, engine=engine,
+            test_id = str(test_set.ids[item.row])
+            try:
+                explanation = explain.explain(item=item, image=_test_image(test_set, item), train=train,
+                                              subset=subset, engine=engine, settings=settings)
+            except ItemFailed as failure:
+                results.write_failure(files, reason=str(failure), record={
+                    **_identity(item, test_id, names),
+                    "settings": {**settings.as_dict(), "fingerprint": fingerprint},
+                    "solver": {"method": engine.prepared.name, **engine.prepared.diagnostics},
+                    "versions": versions(),
+                })
+                summary.failed.append((item, str(failure)))
+                echo(f"Test image #{item.number} failed: {failure}")
+                continue
+            _write(files, item, test_id, explanation, train=train, engine=engine,
                    loaded=loaded, settings=settings, fingerprint=fingerprint, names=names, echo=echo)
             summary.computed += 1
     echo(
-        f"Done: {summary.computed} test images computed, {summary.skipped} already complete, "
-        f"of {summary.planned} in this shard ({time.perf_counter() - started:.0f} s) -> {output_dir}"
+        f"Done: {summary.computed} test images computed, {len(summary.failed)} failed, "
+        f"{summary.skipped} already complete, of {summary.planned} in this shard "
+        f"({time.perf_counter() - started:.0f} s) -> {output_dir}"
     )
+    if summary.failed:
+        echo(f"{len(summary.failed)} test images failed; their records say why, and a rerun of the same "
+             f"command retries them (and only them):")
+        for item, reason in summary.failed:
+            echo(f"  {item.folder}/{item.label}/{item.number}.json: {reason}")
     return summary
+
+
+def _test_image(test_set, item) -> np.ndarray:
+    """(H, W, 3) uint8; an unreadable pixel buffer fails this test image only."""
+    try:
+        return np.array(test_set.images[item.row])
+    except (OSError, ValueError) as error:
+        raise ItemFailed(f"cannot read the test image: {error}") from error
+
+
+def _identity(item, test_id: str, names: dict) -> dict:
+    return {"test_id": test_id, "folder": item.folder, "label": item.label, "label_name": names.get(item.label),
+            "number": item.number}
 
 
 def _write(files, item, test_id, explanation, *, train, engine, loaded, settings, fingerprint, names, echo):
@@ -146,11 +180,7 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
         + f"\npredicted {explanation.predicted}" + (f" ({predicted_name})" if predicted_name else ""),
     )
     record = {
-        "test_id": test_id,
-        "folder": item.folder,
-        "label": item.label,
-        "label_name": label_name,
-        "number": item.number,
+        **_identity(item, test_id, names),
         "predicted": explanation.predicted,
         "predicted_name": predicted_name,
         "test_loss": explanation.test_loss,

@@ -94,11 +94,13 @@ def item_seed(seed: int, item: WorkItem) -> tuple[int, ...]:
 
 
 def pending_items(
-    output_dir: Path, items: list[WorkItem], save_format: str, fingerprint: dict, *, overwrite: bool = False
+    output_dir: Path, items: list[WorkItem], save_format: str, fingerprint: dict, *, overwrite: bool = False,
+    retry_failed: bool = True,
 ) -> list[WorkItem]:
     """The items still to compute, reading each item's record once.
 
     An item is complete when its record (written last) and every result file are present.
+    An item whose record says it failed is computed again if ``retry_failed``, else left as it is.
     A record of other settings is refused (unless ``overwrite``): one output tree never
     mixes results of different settings.
     """
@@ -119,7 +121,10 @@ def pending_items(
                 f"e.g. {item.folder}/{item.label}/{item.number}.json); pass --overwrite to replace them "
                 f"or --output-dir for a new tree"
             )
-        if not results.results_present(files):
+        if results.is_failure(record):
+            if retry_failed:
+                pending.append(item)
+        elif not results.results_present(files):
             pending.append(item)
     return pending
 

@@ -25,6 +25,8 @@ from influence import outputs
 from influence.figures import Panel, plot_influence_row
 
 RECORD_VERSION = 2
+COMPLETE = "complete"
+FAILED = "failed"  # the record says why in "reason"; no figures or score table
 SIGN_CONVENTION = (
     "score = s_test . grad L(z); positive: removing z would raise the test loss (useful); "
     "negative: harmful; score / n_train predicts the leave-one-out change in test loss"
@@ -104,6 +106,7 @@ def write_item(files: ItemFiles, *, heading: str, test_panel: Panel, harmful: li
     table = lambda rows: [{"id": row.id, "label": row.label, "score": row.score} for row in rows]  # noqa: E731
     outputs.write_json(files.record, {
         "record_version": RECORD_VERSION,
+        "status": COMPLETE,
         **record,
         "harmful": table(harmful),
         "useful": table(useful),
@@ -112,13 +115,31 @@ def write_item(files: ItemFiles, *, heading: str, test_panel: Panel, harmful: li
     })
 
 
+def write_failure(files: ItemFiles, *, reason: str, record: dict) -> None:
+    """The record of a test image that could not be explained, in place of its results.
+
+    Result files of an earlier success are removed first, so the tree never shows figures
+    that the record does not vouch for."""
+    for path in files.results:
+        path.unlink(missing_ok=True)
+    outputs.write_json(files.record, {"record_version": RECORD_VERSION, "status": FAILED, "reason": reason,
+                                      **record, "files": []})
+
+
+def is_failure(record: dict) -> bool:
+    return record.get("status") == FAILED
+
+
 def iter_folder(output_dir: str | Path, folder: str) -> Iterator[dict]:
     """Every complete result of one test folder, in archive order (label, then number): the
-    record with ``number``, ``record_path`` and ``scores`` (the full score table) added."""
+    record with ``number``, ``record_path`` and ``scores`` (the full score table) added.
+    Failed test images (:func:`write_failure`) are left out."""
     root = Path(output_dir) / folder
     paths = [p for p in root.glob("*/*.json") if p.stem.isdigit() and p.parent.name.lstrip("-").isdigit()]
     for path in sorted(paths, key=lambda p: (int(p.parent.name), int(p.stem))):
         record = json.loads(path.read_text())
+        if is_failure(record):
+            continue
         record["number"] = int(path.stem)
         record["record_path"] = str(path)
         record["scores"] = load_scores(path.with_suffix(".npy"))
