@@ -92,6 +92,19 @@ def load_label_subset(train, item: WorkItem, settings: Settings, echo) -> LabelS
 
 
 @dataclass
+class Solved:
+    """A test image's ``s_test``, before its training images are scored."""
+
+    item: WorkItem
+    image: np.ndarray  # (H, W, 3) uint8
+    predicted: int
+    test_loss: float
+    s_test: list  # tensors shaped like the variables
+    diagnostics: dict  # the solver's, for this test image
+    timings: dict
+
+
+@dataclass
 class Explanation:
     """One test image's influence scores and what produced them."""
 
@@ -104,10 +117,9 @@ class Explanation:
     timings: dict
 
 
-def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, engine: Engine,
-            settings: Settings) -> Explanation:
-    """Test gradient, ``s_test`` and the scores of the subset's training images for one test image."""
-    from influence import hvp, ihvp, losses, scores
+def solve(*, item: WorkItem, image: np.ndarray, engine: Engine, settings: Settings) -> Solved:
+    """The test gradient and ``s_test`` of one test image; :class:`ItemFailed` if the solver diverges."""
+    from influence import hvp, ihvp, losses
 
     timings = {}
     x_test = engine.preprocess(image[None])
@@ -128,20 +140,54 @@ def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, en
         except ihvp.LissaDivergedError as error:
             raise ItemFailed(str(error)) from error
     timings["solve_s"] = time.perf_counter() - began
+    return Solved(item, image, predicted, test_loss, solution.s_test, solution.diagnostics, timings)
+
+
+def score(group: list[Solved], *, train, subset: LabelSubset, engine: Engine,
+          settings: Settings) -> list[Explanation | ItemFailed]:
+    """Score the subset's training images for every test image of ``group`` in one pass: each
+    training batch is read, decoded and preprocessed once for the whole group.
+
+    Returns, per test image, its :class:`Explanation`, or an :class:`ItemFailed` saying why not.
+    """
+    from influence import scores
 
     began = time.perf_counter()
-    scored_indices, scored = [], []
-    with progress_bar(total=len(subset.indices), desc="Batch influences", unit="img") as bar:
+    s_tests = [solved.s_test for solved in group]
+    scored_indices, scored = [], []  # scored: (m, batch) blocks
+    with progress_bar(total=len(subset.indices) * len(group), desc="Batch influences", unit="img") as bar:
         for indices, images in subset.batches(train, settings.scoring.score_batch_size):
-            batch_scores = scores.influence_scores(engine.model, engine.variables, solution.s_test,
-                                                   engine.preprocess(images), train.labels[indices])
+            block = scores.influence_scores_many(engine.model, engine.variables, s_tests,
+                                                 engine.preprocess(images), train.labels[indices])
             scored_indices.append(indices)
-            scored.append(np.asarray(batch_scores, dtype=np.float64))
-            bar.update(len(indices))
-    all_scores = np.concatenate(scored)
-    if not np.all(np.isfinite(all_scores)):
-        raise ItemFailed(f"{np.sum(~np.isfinite(all_scores))} of {len(all_scores)} influence scores are not finite; "
-                         f"the solver did not converge: raise --scale or --damping")
-    timings["scoring_s"] = time.perf_counter() - began
-    return Explanation(image, predicted, test_loss, np.concatenate(scored_indices), all_scores,
-                       solution.diagnostics, timings)
+            scored.append(np.asarray(block, dtype=np.float64))
+            bar.update(len(indices) * len(group))
+    indices = np.concatenate(scored_indices)
+    all_scores = np.concatenate(scored, axis=1)  # (m, k)
+    seconds = (time.perf_counter() - began) / len(group)
+    explained = []
+    for solved, row in zip(group, all_scores):
+        if not np.all(np.isfinite(row)):
+            explained.append(ItemFailed(
+                f"{np.sum(~np.isfinite(row))} of {len(row)} influence scores are not finite; "
+                f"the solver did not converge: raise --scale or --damping"))
+            continue
+        explained.append(Explanation(solved.image, solved.predicted, solved.test_loss, indices, row,
+                                     solved.diagnostics, {**solved.timings, "scoring_s": seconds}))
+    return explained
+
+
+def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, engine: Engine,
+            settings: Settings) -> Explanation:
+    """Test gradient, ``s_test`` and the scores of the subset's training images for one test image."""
+    (explanation,) = score([solve(item=item, image=image, engine=engine, settings=settings)],
+                           train=train, subset=subset, engine=engine, settings=settings)
+    if isinstance(explanation, ItemFailed):
+        raise explanation
+    return explanation
+
+
+def group_size(engine: Engine, *, budget_bytes: float = 2 * 2**30, most: int = 16) -> int:
+    """How many test images to score per pass over the training images: as many ``s_test``
+    vectors as fit in ``budget_bytes`` (VGG16 with every weight: 3), at most ``most``."""
+    return int(max(1, min(most, budget_bytes // max(1, 4 * engine.parameters))))

@@ -111,31 +111,35 @@ def calculate(
             echo(f"{summary.skipped} of {len(items)} test images already complete in {output_dir}; skipping them")
         if todo:
             engine = explain.prepare_engine(train, loaded, settings, echo)
+        test_sets = {name: test.folder(name) for name in {item.folder for item in todo}}
         subset = None
-        for item in todo:
-            files = item.files(output_dir, save_format)
-            if subset is None or subset.key != explain.subset_key(item, settings):
-                subset = explain.load_label_subset(train, item, settings, echo)
-            echo(f"Test image #{item.number} in process")
-            outputs.remove_stale_temporaries(files.directory)
-            test_set = test.folder(item.folder)
-            test_id = str(test_set.ids[item.row])
-            try:
-                explanation = explain.explain(item=item, image=_test_image(test_set, item), train=train,
-                                              subset=subset, engine=engine, settings=settings)
-            except ItemFailed as failure:
-                results.write_failure(files, reason=str(failure), record={
-                    **_identity(item, test_id, names),
-                    "settings": {**settings.as_dict(), "fingerprint": fingerprint},
-                    "solver": {"method": engine.prepared.name, **engine.prepared.diagnostics},
-                    "versions": versions(),
-                })
-                summary.failed.append((item, str(failure)))
-                echo(f"Test image #{item.number} failed: {failure}")
+        for group in _groups(todo, settings, explain.group_size(engine) if todo else 1):
+            if subset is None or subset.key != explain.subset_key(group[0], settings):
+                subset = explain.load_label_subset(train, group[0], settings, echo)
+            solved = []
+            for item in group:
+                echo(f"Test image #{item.number} in process")
+                try:
+                    solved.append(explain.solve(item=item, image=_test_image(test_sets[item.folder], item), engine=engine,
+                                                settings=settings))
+                except ItemFailed as failure:
+                    _fail(item, failure, output_dir=output_dir, test_sets=test_sets, engine=engine, settings=settings,
+                          fingerprint=fingerprint, names=names, summary=summary, echo=echo)
+            if not solved:
                 continue
-            _write(files, item, test_id, explanation, train=train, engine=engine,
-                   loaded=loaded, settings=settings, fingerprint=fingerprint, names=names, echo=echo)
-            summary.computed += 1
+            explained = explain.score(solved, train=train, subset=subset, engine=engine, settings=settings)
+            for done, explanation in zip(solved, explained):
+                item = done.item
+                if isinstance(explanation, ItemFailed):
+                    _fail(item, explanation, output_dir=output_dir, test_sets=test_sets, engine=engine, settings=settings,
+                          fingerprint=fingerprint, names=names, summary=summary, echo=echo)
+                    continue
+                files = item.files(output_dir, save_format)
+                outputs.remove_stale_temporaries(files.directory)
+                _write(files, item, str(test_sets[item.folder].ids[item.row]), explanation, train=train,
+                       engine=engine, loaded=loaded, settings=settings, fingerprint=fingerprint, names=names,
+                       echo=echo)
+                summary.computed += 1
     echo(
         f"Done: {summary.computed} test images computed, {len(summary.failed)} failed, "
         f"{summary.skipped} already complete, of {summary.planned} in this shard "
@@ -147,6 +151,33 @@ def calculate(
         for item, reason in summary.failed:
             echo(f"  {item.folder}/{item.label}/{item.number}.json: {reason}")
     return summary
+
+
+def _groups(items: list[plan.WorkItem], settings: Settings, size: int) -> list[list[plan.WorkItem]]:
+    """Consecutive items that score the same training images, ``size`` at most per group."""
+    from influence import explain
+
+    groups: list[list[plan.WorkItem]] = []
+    for item in items:
+        if groups and len(groups[-1]) < size and (
+                explain.subset_key(groups[-1][0], settings) == explain.subset_key(item, settings)):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _fail(item, failure, *, output_dir, test_sets, engine, settings, fingerprint, names, summary, echo) -> None:
+    """Record why a test image failed, in place of its results, and go on."""
+    files = item.files(output_dir, settings.presentation.save_format)
+    results.write_failure(files, reason=str(failure), record={
+        **_identity(item, str(test_sets[item.folder].ids[item.row]), names),
+        "settings": {**settings.as_dict(), "fingerprint": fingerprint},
+        "solver": {"method": engine.prepared.name, **engine.prepared.diagnostics},
+        "versions": versions(),
+    })
+    summary.failed.append((item, str(failure)))
+    echo(f"Test image #{item.number} failed: {failure}")
 
 
 def _test_image(test_set, item) -> np.ndarray:

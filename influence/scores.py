@@ -49,3 +49,31 @@ def influence_scores(model: keras.Model, variables, s_test, x, y) -> np.ndarray:
                 for part, variable in zip(s_test, hvp.tf_variables(variables))]
     scorer = hvp.compiled(model, variables, "influence_scores", _build_scorer)
     return scorer(x, y, tangents).numpy()
+
+
+def _build_group_scorer(model_ref, tf_vars):
+    @tf.function(reduce_retracing=True)
+    def score_group(x, y, s_tests):
+        rows = []
+        for s_test in s_tests:  # one forward-mode pass per test image over the same batch
+            with tf.autodiff.ForwardAccumulator(primals=tf_vars, tangents=s_test) as accumulator:
+                per_example = losses.per_example_loss(model_ref())(x, y)  # (B,)
+            rows.append(accumulator.jvp(per_example, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        return tf.stack(rows)
+
+    return score_group
+
+
+def influence_scores_many(model: keras.Model, variables, s_tests, x, y) -> np.ndarray:
+    """(m, B) scores of the training images ``x`` for ``m`` test images at once.
+
+    ``s_tests``: a list of ``m`` vectors, each a list of tensors shaped like ``variables``.
+    The batch is converted once and all ``m`` directional derivatives are taken in one
+    compiled call, so a caller that reads, decodes and preprocesses a batch once scores it for
+    a whole group of test images. Row ``k`` equals ``influence_scores(..., s_tests[k], x, y)``.
+    """
+    x, y = hvp.as_batch(x, y)
+    dtypes = [variable.dtype for variable in hvp.tf_variables(variables)]
+    tangents = [[tf.cast(part, dtype) for part, dtype in zip(s_test, dtypes)] for s_test in s_tests]
+    scorer = hvp.compiled(model, variables, "influence_scores_many", _build_group_scorer)
+    return scorer(x, y, tangents).numpy()

@@ -64,3 +64,18 @@ def test_scores_are_linear_in_s_test_and_match_the_gradient_of_the_mean():
     # mean of the scores = s_test . gradient of the mean loss
     mean_gradient = flat(hvp.loss_gradient(model, variables, x, y))
     assert score(a).mean() == pytest.approx(mean_gradient @ flat(a), rel=1e-4)
+
+
+def test_group_scores_are_each_test_images_per_example_dot_products():
+    """Scoring a batch for several test images at once: row k is s_test_k . grad L(z_i)."""
+    model = small_cnn(softmax=True)
+    x, y = image_data(10)
+    variables = params.select(model)
+    s_tests = [random_vector(variables, seed=seed) for seed in (1, 2, 3)]
+    got = scores.influence_scores_many(model, variables, s_tests, x, y)
+    gradients = per_example_gradients(model, variables, x, y)  # (B, N)
+    expected = np.stack([gradients @ flat(s_test) for s_test in s_tests])  # (m, B)
+    assert got.shape == (3, 10)
+    summands = np.stack([np.abs(gradients) @ np.abs(flat(s_test)) for s_test in s_tests])
+    np.testing.assert_array_less(np.abs(got - expected), 2e-5 * summands + 1e-7)
+    assert np.std(expected[0] - expected[1]) > 10 * np.abs(got - expected).max()  # rows differ measurably

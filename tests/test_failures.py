@@ -38,7 +38,6 @@ def workspace(tmp_path_factory):
 def run_job(workspace, output_dir, *extra):
     import calculate
 
-    lines = []
     status = calculate.main([
         "--train", str(workspace / "train.npz"), "--test", str(workspace / "test.npz"),
         "--model", str(workspace / "model.keras"), "--output-dir", str(output_dir), *ARGS, *extra,
@@ -51,16 +50,16 @@ def test_failed_images_are_recorded_the_job_goes_on_and_a_rerun_retries_only_the
     from influence import cli, explain
     from influence.errors import ItemFailed
 
-    real_explain = explain.explain
+    real_solve = explain.solve
     attempted = []
 
-    def explain_failing_some(*, item, **kwargs):
+    def solve_failing_some(*, item, **kwargs):
         attempted.append((item.folder, item.label, item.number))
         if (item.folder, item.label, item.number) in FAILING:
             raise ItemFailed(f"made to fail for the test ({item.number})")
-        return real_explain(item=item, **kwargs)
+        return real_solve(item=item, **kwargs)
 
-    monkeypatch.setattr(explain, "explain", explain_failing_some)
+    monkeypatch.setattr(explain, "solve", solve_failing_some)
     output_dir = tmp_path / "out"
     assert run_job(workspace, output_dir) == cli.EXIT_SOME_FAILED == 3
     printed = capsys.readouterr().out
@@ -81,7 +80,7 @@ def test_failed_images_are_recorded_the_job_goes_on_and_a_rerun_retries_only_the
     assert "21 test images computed, 3 failed" in printed
 
     # The rerun, without the fault: only the three failures are computed, and it ends well.
-    monkeypatch.setattr(explain, "explain", lambda **kwargs: attempted.append("rerun") or real_explain(**kwargs))
+    monkeypatch.setattr(explain, "solve", lambda **kwargs: attempted.append("rerun") or real_solve(**kwargs))
     assert run_job(workspace, output_dir) == 0
     printed = capsys.readouterr().out
     assert attempted.count("rerun") == 3 and "21 of 24 test images already complete" in printed
@@ -96,10 +95,10 @@ def test_skip_failed_leaves_failures_alone(workspace, tmp_path, monkeypatch, cap
     def always_fail(*, item, **kwargs):
         raise ItemFailed("broken")
 
-    monkeypatch.setattr(explain, "explain", always_fail)
+    monkeypatch.setattr(explain, "solve", always_fail)
     output_dir = tmp_path / "out"
     assert run_job(workspace, output_dir, "--labels", "1") == 3
-    monkeypatch.setattr(explain, "explain", lambda **kwargs: pytest.fail("a failure was retried"))
+    monkeypatch.setattr(explain, "solve", lambda **kwargs: pytest.fail("a failure was retried"))
     assert run_job(workspace, output_dir, "--labels", "1", "--skip-failed") == 0
     assert "12 of 12 test images already complete" in capsys.readouterr().out
 
