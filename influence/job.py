@@ -76,7 +76,8 @@ def calculate(
                 f"{test_path} holds {archive.format_image_size(test.image_size)} images but {train_path} holds "
                 f"{archive.format_image_size(train.image_size)}; prepare both at the same --image-size"
             )
-        items = plan.select_shard(plan.plan_work(test, folders=folders, labels=labels), shard_index, shard_count)
+        planned = plan.plan_work(test, folders=folders, labels=labels)
+        items = plan.select_shard(planned, shard_index, shard_count)
         names = archive.class_names(train, test)
         if not settings.scoring.all_labels:
             for label in sorted({item.label for item in items}):
@@ -140,6 +141,12 @@ def calculate(
                        engine=engine, loaded=loaded, settings=settings, fingerprint=fingerprint, names=names,
                        echo=echo)
                 summary.computed += 1
+
+        # The consolidated store and the pages (influence.store, influence.pages).
+        from influence import store
+
+        store.finish_run(output_dir, train=train, test=test, planned=planned, shard=(shard_index, shard_count),
+                         top=settings.presentation.top, echo=echo)
     echo(
         f"Done: {summary.computed} test images computed, {len(summary.failed)} failed, "
         f"{summary.skipped} already complete, of {summary.planned} in this shard "

@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from influence import outputs
-from influence.figures import Panel, plot_influence_row
+
+if TYPE_CHECKING:  # matplotlib only where figures are written: readers of the tree start fast
+    from influence.figures import Panel
 
 RECORD_VERSION = 2
 COMPLETE = "complete"
@@ -95,6 +97,8 @@ class TrainingRow:
 def write_item(files: ItemFiles, *, heading: str, test_panel: Panel, harmful: list[TrainingRow],
                useful: list[TrainingRow], score_table: dict[str, float], record: dict) -> None:
     """The figures, the score table, then the record (last: it marks the item complete)."""
+    from influence.figures import Panel, plot_influence_row
+
     for kind, rows, path in (("harmful", harmful, files.harmful), ("useful", useful, files.useful)):
         plot_influence_row(
             path,
@@ -144,3 +148,42 @@ def iter_folder(output_dir: str | Path, folder: str) -> Iterator[dict]:
         record["record_path"] = str(path)
         record["scores"] = load_scores(path.with_suffix(".npy"))
         yield record
+
+
+# --------------------------------------------------------------------------- reading for the store
+
+
+def failure_reason(record: dict) -> str | None:
+    """Why the record's test image failed (:func:`write_failure`), or None when it is a result."""
+    if not is_failure(record):
+        return None
+    return str(record.get("reason") or "no reason recorded")
+
+
+def record_fingerprint(record: dict) -> dict | None:
+    """The settings fingerprint a record was computed with (None if it carries none)."""
+    return (record.get("settings") or {}).get("fingerprint")
+
+
+def record_save_format(record: dict) -> str:
+    """The figure format of the record's item (its figures' suffix)."""
+    return ((record.get("settings") or {}).get("presentation") or {}).get("save_format") or "png"
+
+
+def read_score_table(files: ItemFiles) -> tuple[np.ndarray, np.ndarray]:
+    """``(training ids (k,) object str, scores (k,) float64)`` of a ``<n>.npy`` score table, in the
+    order they were scored."""
+    table = load_scores(files.scores)
+    ids = np.empty(len(table), dtype=object)
+    ids[:] = list(table.keys())
+    return ids, np.fromiter(table.values(), dtype=np.float64, count=len(table))
+
+
+def recorded_items(output_dir: str | Path) -> list[tuple[str, int, int]]:
+    """``(folder, label, number)`` of every record in the tree (results and failures), sorted."""
+    found = []
+    for path in Path(output_dir).glob("*/*/*.json"):
+        label_text = path.parent.name
+        if path.stem.isdigit() and label_text.lstrip("-").isdigit() and not path.name.startswith("."):
+            found.append((path.parent.parent.name, int(label_text), int(path.stem)))
+    return sorted(found)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from h5files import assert_same_h5
 from imagegen import make_class_folders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,13 @@ def calculate(workspace, output_dir, *extra, timeout=300):
 EXPECTED_ITEMS = [("orig", 0, 1), ("orig", 0, 2), ("orig", 1, 1), ("noisy", 2, 1)]
 
 
+STORE_OUTPUTS = ("results.h5", "index.html", "parts", "html")  # tests/test_store.py checks these
+
+
 def result_files(output_dir):
-    return sorted(str(p.relative_to(output_dir)) for p in Path(output_dir).rglob("*") if p.is_file())
+    """The per-image files of a tree (the consolidated store and its pages left out)."""
+    return sorted(str(p.relative_to(output_dir)) for p in Path(output_dir).rglob("*")
+                  if p.is_file() and p.relative_to(output_dir).parts[0] not in STORE_OUTPUTS)
 
 
 def load_scores(output_dir):
@@ -206,10 +212,15 @@ def test_shards_cover_all_work_once_with_identical_scores(workspace, full_run):
         result = calculate(workspace, sharded, "--shard", f"{index}/2")
         assert result.returncode == 0, result.stderr
         assert f"of {2} in this shard" in result.stdout
+        if index == 0:  # shard 1/2 has not run yet: nothing to assemble
+            assert "results.h5 and the pages not rebuilt: 2 of 4 planned test images have no result" in result.stdout
     assert result_files(sharded) == result_files(output_dir)
     full, parts = load_scores(output_dir), load_scores(sharded)
     for key in EXPECTED_ITEMS:
         assert parts[key] == full[key]  # same seed, same machine: identical, whichever shard
+    # The last shard assembled the consolidated store: the unsharded run's, dataset for dataset.
+    assert "4 results, 0 failed, 0 missing, from 2 parts of 2" in result.stdout
+    assert_same_h5(sharded / "results.h5", output_dir / "results.h5")
 
 
 def test_resume_after_kill_ends_with_the_same_complete_outputs(workspace, full_run):
