@@ -88,6 +88,12 @@ def build_parser() -> cli.ArgumentParser:
     )
     lissa.add_argument("--seed", type=int, default=0, help="seed of the random minibatches (default 0)")
     lissa.add_argument(
+        "--feature-cache", choices=("auto", "on", "off"), default="auto",
+        help="with --layers/--last-layers: compute the frozen layers below them once per image and keep the result "
+        "in feature-cache/ beside the archive (auto: whenever a single tensor separates them; on: require it; "
+        "off: run the whole model every time)",
+    )
+    lissa.add_argument(
         "--all-labels", action="store_true",
         help="score the whole training set, not only the training images of the test image's label",
     )
@@ -156,6 +162,7 @@ def main(argv=None) -> int:
             last_layers=args.last_layers,
             all_labels=args.all_labels,
             score_batch_size=args.score_batch_size,
+            feature_cache=args.feature_cache,
         ),
         presentation=PresentationSettings(top=args.top, save_format=args.save_format),
     )

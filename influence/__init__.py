@@ -13,6 +13,8 @@ Modules, each with one job:
 - ``ihvp``      inverse-Hessian-vector product algorithms (LiSSA, CG, exact), on an HVP function
 - ``solvers``   the two-phase solver interface: prepared once per run, applied per test gradient
 - ``models``    classifier loading (VGG16 and saved Keras models)
+- ``features``  the cut below the selected layers: trunk/head models, scoring many test images at once
+- ``feature_cache``  the on-disk cache of the trunk's output (the only code that reads or writes it)
 - ``settings``  a run's settings: solver, scoring, presentation
 - ``plan``      calculate.py's work items, shards and resume state
 - ``explain``   one test image's explanation: test gradient, s_test, scores

@@ -8,6 +8,11 @@ the training-minibatch sampler and the prepared solver (LiSSA's scale, say).
 2. ``s_test = (H + lambda I)^-1 v`` with the prepared solver, its random draws keyed by the item;
 3. ``score(z) = s_test . grad L(z)`` for every training image of the label (or of the whole
    set with ``all_labels``), in batches (:func:`influence.scores.influence_scores`).
+
+When only top layers are selected and a cut exists below them (``--feature-cache auto|on``,
+:mod:`influence.features`), the engine's model is the head above the cut, its input the
+cached features of the training images (:mod:`influence.feature_cache`) and the trunk's
+output for a test image: the frozen layers run once per image, not in every product.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class Engine:
     variables: list
     prepared: object  # solvers.PreparedSolver
     hvp_form: str
+    # With a cut: the model above is the head, preprocess ends with the trunk, and the training
+    # images' features come from this feature_cache.FeatureCache.
+    features: object = None
 
     @property
     def parameters(self) -> int:
@@ -48,11 +56,24 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
     scoring = settings.scoring
     variables = params.select(loaded.model, layers=list(scoring.layers) if scoring.layers else None,
                               last=scoring.last_layers)
-    sampler = sampling.MinibatchSampler(sampling.ArchiveSource(train, loaded.preprocess), settings.solver.batch_size)
-    curvature = solvers.TrainingCurvature.build(loaded.model, variables, sampler, seed=settings.solver.seed, echo=echo)
+    model, preprocess, source, cache = loaded.model, loaded.preprocess, None, None
+    # With every weight selected the first layer reads the input: no cut to look for.
+    if scoring.layers or scoring.last_layers or scoring.feature_cache == "on":
+        from influence import features
+
+        cut = features.choose_cut(scoring.feature_cache, loaded.model, variables, echo=echo)
+        if cut is not None:
+            cache = features.train_features(train, cut=cut, preprocess=loaded.preprocess,
+                                            preprocess_name=loaded.preprocess_name,
+                                            model=sorted(loaded.files.values()), echo=echo)
+            model, preprocess = cut.head, features.trunk_features_fn(cut, loaded.preprocess)
+            source = features.FeatureSource(cache)
+    sampler = sampling.MinibatchSampler(source or sampling.ArchiveSource(train, loaded.preprocess),
+                                        settings.solver.batch_size)
+    curvature = solvers.TrainingCurvature.build(model, variables, sampler, seed=settings.solver.seed, echo=echo)
     prepared = settings.solver.solver().prepare(curvature)
-    return Engine(model=loaded.model, preprocess=loaded.preprocess, variables=variables, prepared=prepared,
-                  hvp_form=getattr(curvature.hvp_fn, "form", "auto"))
+    return Engine(model=model, preprocess=preprocess, variables=variables, prepared=prepared,
+                  hvp_form=getattr(curvature.hvp_fn, "form", "auto"), features=cache)
 
 
 @dataclass
@@ -62,9 +83,12 @@ class LabelSubset:
     key: tuple
     indices: np.ndarray  # (k,) global training indices
     images: np.ndarray | None  # (k, H, W, 3) uint8; None with all_labels (streamed instead)
+    read_on_demand: bool = False  # images read at the first batches() (never, on cached features)
 
     def batches(self, train, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(indices, images) batches covering the subset, in its order."""
+        if self.images is None and self.read_on_demand:
+            self.images = train.read(self.indices)
         if self.images is None:
             yield from train.iter_all(batch_size)
             return
@@ -86,7 +110,7 @@ def load_label_subset(train, item: WorkItem, settings: Settings, echo) -> LabelS
     else:
         echo(f"Create label subset for {item.label} class...", end="")
         indices = train.label_indices(item.label)
-        subset = LabelSubset(key, indices, train.read(indices))
+        subset = LabelSubset(key, indices, None, read_on_demand=True)
     echo(" finished")
     return subset
 
@@ -150,15 +174,26 @@ def score(group: list[Solved], *, train, subset: LabelSubset, engine: Engine,
 
     Returns, per test image, its :class:`Explanation`, or an :class:`ItemFailed` saying why not.
     """
-    from influence import scores
+    from influence import features, scores
 
     began = time.perf_counter()
     s_tests = [solved.s_test for solved in group]
     scored_indices, scored = [], []  # scored: (m, batch) blocks
+    batch_size = settings.scoring.score_batch_size
+    if engine.features is not None:  # the head on cached features, all m test images in one pass
+        stacked = features.stack_s_tests(s_tests, engine.variables)
+        blocks = engine.features.blocks(subset.indices, batch_size)
+
+        def score_block(inputs, labels):
+            return features.score_matrix(engine.model, engine.variables, stacked, inputs, labels)
+    else:
+        blocks = ((indices, engine.preprocess(images)) for indices, images in subset.batches(train, batch_size))
+
+        def score_block(inputs, labels):
+            return scores.influence_scores_many(engine.model, engine.variables, s_tests, inputs, labels)
     with progress_bar(total=len(subset.indices) * len(group), desc="Batch influences", unit="img") as bar:
-        for indices, images in subset.batches(train, settings.scoring.score_batch_size):
-            block = scores.influence_scores_many(engine.model, engine.variables, s_tests,
-                                                 engine.preprocess(images), train.labels[indices])
+        for indices, inputs in blocks:
+            block = score_block(inputs, train.labels[indices])
             scored_indices.append(indices)
             scored.append(np.asarray(block, dtype=np.float64))
             bar.update(len(indices) * len(group))

@@ -53,6 +53,14 @@ class ScoringSettings:
     # Part of the fingerprint: float32 rounding differs between batch sizes, which can move a
     # score near a ReLU or max-pool tie by a visible amount.
     score_batch_size: int = 32
+    # auto: run the selected top layers on cached features whenever a cut exists below them
+    # (influence.features); on: require one; off: the whole model every time. In the
+    # fingerprint: cached and uncached scores agree to float32 rounding, not bit for bit.
+    feature_cache: str = "auto"
+
+    def __post_init__(self):
+        if self.feature_cache not in ("auto", "on", "off"):
+            raise UserError(f"--feature-cache {self.feature_cache!r}: valid: auto, on, off")
 
 
 @dataclass(frozen=True)

@@ -363,3 +363,25 @@ def test_test_label_without_training_images_is_refused(tmp_path, workspace):
     assert len(lines) == 1 and "no training images with label 5 (electric_ray)" in lines[0]
     assert "--all-labels" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_feature_cache_gives_the_whole_models_scores_and_is_reused(workspace, tmp_path):
+    top = ["--last-layers", "1", "--all-labels", "--folders", "orig"]  # one pass scores both test images of label 0
+    cached = calculate(workspace, tmp_path / "cached", *top, "--feature-cache", "on")
+    assert cached.returncode == 0, cached.stderr
+    assert "Feature cache: cut at the output of 'flatten'" in cached.stdout
+    assert "(built in" in cached.stdout and str(workspace / "feature-cache") in cached.stdout
+    whole = calculate(workspace, tmp_path / "whole", *top, "--feature-cache", "off")
+    assert whole.returncode == 0, whole.stderr
+    assert "Feature cache" not in whole.stdout
+    for folder, label, number in [item for item in EXPECTED_ITEMS if item[0] == "orig"]:
+        path = Path(folder) / str(label) / f"{number}.npy"
+        got = np.load(tmp_path / "cached" / path, allow_pickle=True).item()
+        expected = np.load(tmp_path / "whole" / path, allow_pickle=True).item()
+        assert got.keys() == expected.keys()
+        largest = max(abs(value) for value in expected.values())
+        assert largest > 0
+        assert max(abs(got[key] - expected[key]) for key in expected) <= 1e-4 * largest
+    again = calculate(workspace, tmp_path / "again", *top)  # auto: the same cut, the cache reused
+    assert again.returncode == 0, again.stderr
+    assert "(reused)" in again.stdout and "(built in" not in again.stdout
