@@ -41,7 +41,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from influence import archive, features, hvp, ihvp, models, params, solvers  # noqa: E402
+from influence import archive, features, hvp, ihvp, models, params, scores, solvers  # noqa: E402
 from influence.sampling import MinibatchSampler  # noqa: E402
 
 LAYERS = "fc2,predictions"
@@ -127,8 +127,8 @@ def cached_pipeline(model, train_path: Path, test_path: Path, cache_dir: Path, *
         scored = {}
         for label in sorted(set(test_cache.labels.tolist())):  # one pass over a label scores all its test images
             rows = np.flatnonzero(test_cache.labels == label)
-            stacked = features.stack_s_tests([s_tests[r] for r in rows], variables)
-            blocks = [features.score_matrix(cut.head, variables, stacked, block, train_cache.labels[indices])
+            stacked = scores.stack_s_tests([s_tests[r] for r in rows], variables)
+            blocks = [scores.influence_scores_many(cut.head, variables, stacked, block, train_cache.labels[indices])
                       for indices, block in train_cache.blocks(train.label_indices(label), SCORE_BATCH)]
             for r, line in zip(rows, np.concatenate(blocks, axis=1)):
                 scored[int(r)] = line
@@ -238,7 +238,7 @@ def open_scale_cache(model, path: Path, cache_dir: Path, dtype: str = "float32")
 
 
 def score_all(cut, variables, stacked, cache, indices) -> np.ndarray:
-    return np.concatenate([features.score_matrix(cut.head, variables, stacked, block, cache.labels[chunk])
+    return np.concatenate([scores.influence_scores_many(cut.head, variables, stacked, block, cache.labels[chunk])
                            for chunk, block in cache.blocks(indices, SCORE_BATCH)], axis=1)
 
 
@@ -260,7 +260,7 @@ def bench_scale(directory: Path, images: int, rows: list, vgg_trunk_s_per_image:
     test_y = rng.integers(0, 10, 8)
     s_tests = [hvp.loss_gradient(cut.head, variables, test_x[i:i + 1], test_y[i:i + 1]) for i in range(8)]
     everything = np.arange(len(cache))
-    one = features.stack_s_tests(s_tests[:1], variables)
+    one = scores.stack_s_tests(s_tests[:1], variables)
     score_all(cut, variables, one, cache, everything[:64])  # compile
     began = time.perf_counter()
     single = score_all(cut, variables, one, cache, everything)
@@ -269,7 +269,7 @@ def bench_scale(directory: Path, images: int, rows: list, vgg_trunk_s_per_image:
     rows.append(("scale", f"scoring 1 test image over all {images:,}", elapsed,
                  f"{rate_one:,.0f} training img/s per test image"))
     subset = everything[: min(images, 2000)]
-    eight = features.stack_s_tests(s_tests, variables)
+    eight = scores.stack_s_tests(s_tests, variables)
     score_all(cut, variables, eight, cache, subset[:64])  # compile
     began = time.perf_counter()
     score_all(cut, variables, eight, cache, subset)
@@ -323,7 +323,7 @@ def child_memory(directory: Path, images: int) -> None:
         v = hvp.loss_gradient(cut.head, variables, cache.take([0]), cache.labels[:1])
         hvp_fn = hvp.training_hvp(cut.head, variables, MinibatchSampler(features.FeatureSource(cache), HVP_BATCH))
         s_test = ihvp.lissa(hvp_fn, v, depth=DEPTH, damping=0.01, scale=1e4).s_test
-        score_all(cut, variables, features.stack_s_tests([s_test], variables), cache, np.arange(len(cache)))
+        score_all(cut, variables, scores.stack_s_tests([s_test], variables), cache, np.arange(len(cache)))
         print(f"{after_build} {peak_rss_gib()}")
         cache.close()
         train.close()

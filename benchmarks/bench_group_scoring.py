@@ -83,7 +83,7 @@ def main() -> None:
     difference = np.abs(values["one at a time"] - values["grouped"]).max() / max(largest, np.finfo(float).tiny)
     print(f"{len(train)} training images, {len(group)} test images of {folder.name}, largest |score| {largest:.3g}, score batch {args.score_batch_size}, "
           f"{params.count(variables):,} weights; best of {args.rounds} rounds")
-    print(f"| scoring | s per test image |\n|---|---|")
+    print("| scoring | s per test image |\n|---|---|")
     print(f"| one pass per test image | {single:.3f} |")
     print(f"| one pass per group of {len(group)} | {many:.3f} |")
     print(f"speed-up {single / many:.2f}x; largest score difference {difference:.1e} of the largest score")

@@ -12,6 +12,7 @@ Modules, each with one job:
 - ``sampling``  the one training-minibatch sampler (uniform over the whole training set)
 - ``ihvp``      inverse-Hessian-vector product algorithms (LiSSA, CG, exact), on an HVP function
 - ``solvers``   the two-phase solver interface: prepared once per run, applied per test gradient
+- ``ekfac``     EK-FAC: Gauss-Newton curvature fitted once per run, a solver for every test image
 - ``models``    classifier loading (VGG16 and saved Keras models)
 - ``features``  the cut below the selected layers: trunk/head models, scoring many test images at once
 - ``feature_cache``  the on-disk cache of the trunk's output (the only code that reads or writes it)

@@ -174,26 +174,21 @@ def score(group: list[Solved], *, train, subset: LabelSubset, engine: Engine,
 
     Returns, per test image, its :class:`Explanation`, or an :class:`ItemFailed` saying why not.
     """
-    from influence import features, scores
+    from influence import scores
 
     began = time.perf_counter()
     s_tests = [solved.s_test for solved in group]
     scored_indices, scored = [], []  # scored: (m, batch) blocks
     batch_size = settings.scoring.score_batch_size
-    if engine.features is not None:  # the head on cached features, all m test images in one pass
-        stacked = features.stack_s_tests(s_tests, engine.variables)
+    stacked = scores.stack_s_tests(s_tests, engine.variables)
+    if engine.features is not None:  # the head on cached features
         blocks = engine.features.blocks(subset.indices, batch_size)
-
-        def score_block(inputs, labels):
-            return features.score_matrix(engine.model, engine.variables, stacked, inputs, labels)
     else:
         blocks = ((indices, engine.preprocess(images)) for indices, images in subset.batches(train, batch_size))
-
-        def score_block(inputs, labels):
-            return scores.influence_scores_many(engine.model, engine.variables, s_tests, inputs, labels)
     with progress_bar(total=len(subset.indices) * len(group), desc="Batch influences", unit="img") as bar:
         for indices, inputs in blocks:
-            block = score_block(inputs, train.labels[indices])
+            block = scores.influence_scores_many(engine.model, engine.variables, stacked, inputs,
+                                                 train.labels[indices])
             scored_indices.append(indices)
             scored.append(np.asarray(block, dtype=np.float64))
             bar.update(len(indices) * len(group))

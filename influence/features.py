@@ -20,7 +20,7 @@ is an articulation tensor below every selected layer, and where there is none (t
 selected layers read the input, or a branch goes around every candidate) it says why and
 the caller runs on the whole model.
 
-:func:`score_matrix` scores many test images at once on a block of training features.
+:func:`influence.scores.influence_scores_many` scores many test images at once on a block of training features.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
-from influence import archive, feature_cache, hvp, losses
+from influence import archive, feature_cache, hvp
 from influence.errors import UserError
 
 # -- the graph, nested models opened ------------------------------------------------------
@@ -373,43 +373,3 @@ class FeatureSource:
 
 # -- scoring many test images at once ---------------------------------------------------------
 
-
-def _build_score_matrix(model_ref, tf_vars):
-    def one(x, y, tangents):
-        with tf.autodiff.ForwardAccumulator(primals=tf_vars, tangents=tangents) as accumulator:
-            per_example = losses.per_example_loss(model_ref())(x, y)  # (k,)
-        return accumulator.jvp(per_example, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-    @tf.function(reduce_retracing=True)
-    def score(x, y, stacked):
-        if stacked[0].shape[0] == 1:  # one test vector: pfor's bookkeeping would cost ~30%
-            return one(x, y, [part[0] for part in stacked])[None]
-        # The primal pass does not depend on the tangents: pfor computes it once for all m,
-        # and the m tangent products become batched matrix products (15% faster from m = 4).
-        return tf.vectorized_map(lambda tangents: one(x, y, tangents), stacked)  # (m, k)
-
-    return score
-
-
-def stack_s_tests(s_tests, variables) -> list[tf.Tensor]:
-    """m ``s_test`` vectors (each a list shaped like ``variables``) -> one (m, *shape) tensor per variable."""
-    if not s_tests:
-        raise UserError("no s_test vectors to score with")
-    dtypes = [v.dtype for v in hvp.tf_variables(variables)]
-    return [tf.stack([tf.cast(s[i], dtype) for s in s_tests]) for i, dtype in enumerate(dtypes)]
-
-
-def score_matrix(head: keras.Model, variables, stacked, features, labels) -> np.ndarray:
-    """(m, k) float32 ``S[i] . grad L(z_j)`` for m stacked s_test vectors and k training examples.
-
-    ``stacked``: :func:`stack_s_tests` of the m vectors; ``features`` (k, ...) the head's
-    input, ``labels`` (k,). One forward-mode pass per test vector (as
-    :func:`influence.scores.influence_scores`), vectorised over the m vectors so that the
-    head's forward pass is shared and the m tangent products become batched matrix products.
-    Per-example gradients would cost the same products (k x weights per test vector) and hold
-    a (k, weights) matrix: 2.7 GB for 32 images on VGG16's fc2,predictions.
-    Sign convention: :mod:`influence.scores`.
-    """
-    x, y = hvp.as_batch(features, labels)
-    scorer = hvp.compiled(head, variables, "score_matrix", _build_score_matrix)
-    return scorer(x, y, list(stacked)).numpy()

@@ -52,28 +52,37 @@ def influence_scores(model: keras.Model, variables, s_test, x, y) -> np.ndarray:
 
 
 def _build_group_scorer(model_ref, tf_vars):
+    def one(x, y, tangents):
+        with tf.autodiff.ForwardAccumulator(primals=tf_vars, tangents=tangents) as accumulator:
+            per_example = losses.per_example_loss(model_ref())(x, y)  # (B,)
+        return accumulator.jvp(per_example, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
     @tf.function(reduce_retracing=True)
-    def score_group(x, y, s_tests):
-        rows = []
-        for s_test in s_tests:  # one forward-mode pass per test image over the same batch
-            with tf.autodiff.ForwardAccumulator(primals=tf_vars, tangents=s_test) as accumulator:
-                per_example = losses.per_example_loss(model_ref())(x, y)  # (B,)
-            rows.append(accumulator.jvp(per_example, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-        return tf.stack(rows)
+    def score_group(x, y, stacked):
+        if stacked[0].shape[0] == 1:  # one test image: pfor's bookkeeping would only cost time
+            return one(x, y, [part[0] for part in stacked])[None]
+        # The primal pass does not depend on the tangents: pfor computes it once for all m,
+        # and the m tangent products become batched matrix products.
+        return tf.vectorized_map(lambda tangents: one(x, y, tangents), stacked)  # (m, B)
 
     return score_group
 
 
-def influence_scores_many(model: keras.Model, variables, s_tests, x, y) -> np.ndarray:
-    """(m, B) scores of the training images ``x`` for ``m`` test images at once.
+def stack_s_tests(s_tests, variables) -> list[tf.Tensor]:
+    """``m`` s_test vectors (each a list shaped like ``variables``) -> one (m, *shape) tensor per variable."""
+    dtypes = [variable.dtype for variable in hvp.tf_variables(variables)]
+    return [tf.stack([tf.cast(s_test[i], dtype) for s_test in s_tests]) for i, dtype in enumerate(dtypes)]
 
-    ``s_tests``: a list of ``m`` vectors, each a list of tensors shaped like ``variables``.
-    The batch is converted once and all ``m`` directional derivatives are taken in one
-    compiled call, so a caller that reads, decodes and preprocesses a batch once scores it for
-    a whole group of test images. Row ``k`` equals ``influence_scores(..., s_tests[k], x, y)``.
+
+def influence_scores_many(model: keras.Model, variables, stacked, x, y) -> np.ndarray:
+    """(m, B) scores of the training images ``x`` (B, ...) for ``m`` test images at once.
+
+    ``stacked``: :func:`stack_s_tests` of the ``m`` s_test vectors. One forward-mode pass
+    vectorised over the ``m`` tangents: the primal forward pass is shared and the tangent
+    products become batched matrix products, so a caller that reads, decodes and preprocesses
+    a batch once scores it for a whole group of test images. Row ``k`` equals
+    ``influence_scores(..., s_tests[k], x, y)`` up to float32 rounding.
     """
     x, y = hvp.as_batch(x, y)
-    dtypes = [variable.dtype for variable in hvp.tf_variables(variables)]
-    tangents = [[tf.cast(part, dtype) for part, dtype in zip(s_test, dtypes)] for s_test in s_tests]
     scorer = hvp.compiled(model, variables, "influence_scores_many", _build_group_scorer)
-    return scorer(x, y, tangents).numpy()
+    return scorer(x, y, list(stacked)).numpy()

@@ -72,7 +72,7 @@ def test_group_scores_are_each_test_images_per_example_dot_products():
     x, y = image_data(10)
     variables = params.select(model)
     s_tests = [random_vector(variables, seed=seed) for seed in (1, 2, 3)]
-    got = scores.influence_scores_many(model, variables, s_tests, x, y)
+    got = scores.influence_scores_many(model, variables, scores.stack_s_tests(s_tests, variables), x, y)
     gradients = per_example_gradients(model, variables, x, y)  # (B, N)
     expected = np.stack([gradients @ flat(s_test) for s_test in s_tests])  # (m, B)
     assert got.shape == (3, 10)

@@ -4,7 +4,6 @@ the summary names it, the exit status says so, and a rerun retries only the fail
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

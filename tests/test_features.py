@@ -202,8 +202,8 @@ def test_cached_lissa_and_scores_equal_the_whole_models(tmp_path):
         prepared = solver.prepare(head_curvature)
         s_tests = [prepared.solve(hvp.loss_gradient(cut.head, variables, test_cache.take([row]), test_labels[row:row + 1]),
                                   key=(0, row)).s_test for row in range(2)]
-        stacked = features.stack_s_tests(s_tests, variables)
-        got = np.concatenate([features.score_matrix(cut.head, variables, stacked, block, train_cache.labels[indices])
+        stacked = scores.stack_s_tests(s_tests, variables)
+        got = np.concatenate([scores.influence_scores_many(cut.head, variables, stacked, block, train_cache.labels[indices])
                               for indices, block in train_cache.blocks(np.arange(len(train_cache)), 7)], axis=1)
     assert got.shape == expected.shape == (2, 18)
     largest = np.abs(expected).max()
@@ -219,7 +219,7 @@ def test_score_matrix_equals_one_forward_mode_pass_per_test_vector():
     feats = cut.trunk(x)
     rng = np.random.default_rng(7)
     s_tests = [[tf.constant(rng.normal(size=tuple(v.shape)), tf.float32) for v in variables] for _ in range(3)]
-    got = features.score_matrix(cut.head, variables, features.stack_s_tests(s_tests, variables), feats, y)
+    got = scores.influence_scores_many(cut.head, variables, scores.stack_s_tests(s_tests, variables), feats, y)
     for row, s_test in enumerate(s_tests):  # the whole model, one test vector at a time
         np.testing.assert_allclose(got[row], scores.influence_scores(model, variables, s_test, x, y),
                                    rtol=1e-5, atol=1e-6)
