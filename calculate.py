@@ -28,13 +28,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def damping_value(text: str) -> float:
+def damping_value(text: str) -> float | str:
+    if text == "auto":
+        return text
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1) (LiSSA's damping coefficient)")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a finite number >= 0")
     return value
 
 
@@ -62,7 +64,12 @@ def build_parser() -> cli.ArgumentParser:
         "a rerun retries them), 130 interrupted. Example: python calculate.py -i 20 -b 8 -sf pdf",
     )
     lissa = parser.add_argument_group("LiSSA and scoring")
-    lissa.add_argument("-i", "--depth", type=positive_int, default=100, help="LiSSA steps per repeat (default 100)")
+    lissa.add_argument(
+        "--method", choices=("lissa", "cg"), default="lissa",
+        help="lissa (default): stochastic, any size; cg: conjugate gradients on the full-batch Hessian, exact, "
+        "for training sets whose full-batch product is cheap (docs/lissa.md)",
+    )
+    lissa.add_argument("-i", "--depth", type=positive_int, default=50, help="LiSSA steps per chain (default 50)")
     lissa.add_argument(
         "-b", "-bs", "--batch-size", type=positive_int, default=8,
         help="training minibatch per Hessian-vector product (default 8)",
@@ -71,14 +78,18 @@ def build_parser() -> cli.ArgumentParser:
         "--score-batch-size", type=positive_int, default=32, help="training images per scoring pass (default 32)"
     )
     lissa.add_argument(
-        "--damping", type=damping_value, default=0.01,
-        help="LiSSA damping (default 0.01); the Hessian inverted is H + damping*scale*I",
+        "--damping", type=damping_value, default="auto", metavar="auto|D",
+        help="the Hessian inverted is H + D*I; 'auto' (default): the least D that makes it positive definite "
+        "with a margin, from the curvature range estimated once per run",
     )
     lissa.add_argument(
         "--scale", type=scale_value, default=None, metavar="auto|S",
         help="LiSSA scale, larger than the Hessian's top eigenvalue; 'auto' (default) estimates it once per run",
     )
-    lissa.add_argument("--repeat", type=positive_int, default=1, help="independent LiSSA runs averaged (default 1)")
+    lissa.add_argument(
+        "--repeat", type=positive_int, default=2,
+        help="independent LiSSA chains averaged (default 2; two or more also measure the top-5's stability)",
+    )
     lissa.add_argument(
         "--layers", default=None, metavar="NAMES",
         help="only these layers' weights, comma-separated (e.g. fc2,predictions); default: all trainable",
@@ -150,6 +161,7 @@ def main(argv=None) -> int:
     plan.parse_shard(args.shard)  # a bad --shard fails before the archives are opened
     settings = Settings(
         solver=SolverSettings(
+            method=args.method,
             depth=args.depth,
             batch_size=args.batch_size,
             damping=args.damping,

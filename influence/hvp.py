@@ -24,6 +24,7 @@ import weakref
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from influence import losses
@@ -74,12 +75,27 @@ def compiled(model: keras.Model, variables, job: str, build: Callable) -> Callab
     return per_model[key]
 
 
-def _objective(model: keras.Model, x, y) -> tf.Tensor:
-    mean_loss = tf.reduce_mean(losses.per_example_loss(model)(x, y))
+def _objective(model: keras.Model, x, y, weights=None, regularizer_weight=None) -> tf.Tensor:
+    """``sum_i weights_i L(z_i) + regularizer_weight * sum(model.losses)``.
+
+    Defaults: ``weights_i = 1 / B`` (the minibatch mean) and ``regularizer_weight = 1``.
+    Importance-sampled minibatches pass ``weights_i = 1 / (B N q_i)`` (an unbiased estimate
+    of the full objective's Hessian, :mod:`influence.sampling`); a chunk ``c`` of a fixed set
+    of ``S`` examples passes ``1 / S`` and ``|c| / S``, so that the chunks' products sum
+    exactly to the product on the whole set (:func:`dataset_hvp`).
+    """
+    per_example = losses.per_example_loss(model)(x, y)  # (B,)
+    if weights is None:
+        data_term = tf.reduce_mean(per_example)
+    else:
+        data_term = tf.reduce_sum(tf.cast(weights, per_example.dtype) * per_example)
     terms = model.losses  # the weight regularisers, evaluated on the current weights
     if not terms:
-        return mean_loss
-    return mean_loss + tf.add_n([tf.cast(term, mean_loss.dtype) for term in terms])
+        return data_term
+    regularizer = tf.add_n([tf.cast(term, data_term.dtype) for term in terms])
+    if regularizer_weight is not None:
+        regularizer = tf.cast(regularizer_weight, data_term.dtype) * regularizer
+    return data_term + regularizer
 
 
 def _build_loss_gradient(model_ref, tf_vars):
@@ -105,11 +121,11 @@ def loss_gradient(model: keras.Model, variables, x, y) -> list[tf.Tensor]:
 
 def _build_forward_over_backward(model_ref, tf_vars):
     @tf.function(reduce_retracing=True)
-    def hvp(x, y, vec):
+    def hvp(x, y, vec, weights=None, regularizer_weight=None):
         with tf.autodiff.ForwardAccumulator(primals=tf_vars, tangents=vec) as accumulator:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(tf_vars)
-                objective = _objective(model_ref(), x, y)
+                objective = _objective(model_ref(), x, y, weights, regularizer_weight)
             gradient = tape.gradient(objective, tf_vars, unconnected_gradients=_ZERO)
         return [accumulator.jvp(g, unconnected_gradients=_ZERO) for g in gradient]
 
@@ -118,12 +134,12 @@ def _build_forward_over_backward(model_ref, tf_vars):
 
 def _build_summed_gradient(model_ref, tf_vars):
     @tf.function(reduce_retracing=True)
-    def hvp(x, y, vec):
+    def hvp(x, y, vec, weights=None, regularizer_weight=None):
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(tf_vars)
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 inner.watch(tf_vars)
-                objective = _objective(model_ref(), x, y)
+                objective = _objective(model_ref(), x, y, weights, regularizer_weight)
             gradient = inner.gradient(objective, tf_vars, unconnected_gradients=_ZERO)
             summed = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(gradient, vec)])
         return outer.gradient(summed, tf_vars, unconnected_gradients=_ZERO)
@@ -146,7 +162,9 @@ def resolve_form(form: str) -> str:
 
 
 def batch_hvp(model: keras.Model, variables, *, form: str = "auto") -> Callable:
-    """Compiled ``f(x, y, vec) -> H_B vec`` on the given batch (lists of tensors in and out)."""
+    """Compiled ``f(x, y, vec, weights=None, regularizer_weight=None) -> H_B vec`` on the given
+    batch (lists of tensors in and out); ``weights`` (B,) and ``regularizer_weight`` as in
+    :func:`_objective`."""
     form = resolve_form(form)
     return compiled(model, variables, f"hvp/{form}", _BUILDERS[form])
 
@@ -162,7 +180,9 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
     """``hvp_fn(vec) -> H_j vec`` where ``H_j`` is the objective's Hessian on the NEXT minibatch.
 
     ``batches``: an iterator (or a callable returning the next) of ``(x, y)`` training
-    minibatches, drawn at random from the whole training set (a :class:`influence.sampling.MinibatchSampler`).
+    minibatches, drawn at random from the whole training set (a :class:`influence.sampling.MinibatchSampler`),
+    or of ``(x, y, weights)`` with per-example weights (importance sampling: a sampler with
+    ``probabilities``).
     ``vec`` and the result are lists of tensors shaped like ``variables``.
     ``form``: ``"forward_over_backward"``, ``"summed_gradient"`` or ``"auto"``; the form
     actually used is ``hvp_fn.form``.
@@ -174,12 +194,63 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
 
     def hvp_fn(vec):
         try:
-            x, y = as_batch(*next_batch())
+            batch = next_batch()
         except StopIteration:
             raise UserError("the training minibatches ran out before LiSSA finished; "
                             "pass an endless source such as sampling.MinibatchSampler") from None
+        x, y = as_batch(batch[0], batch[1])
         vec = [tf.cast(part, dtype) for part, dtype in zip(vec, dtypes)]
+        if len(batch) > 2 and batch[2] is not None:
+            return product(x, y, vec, tf.constant(batch[2], tf.float32))
         return product(x, y, vec)
 
     hvp_fn.form = form
+    return hvp_fn
+
+
+def dataset_hvp(model: keras.Model, variables, source, *, indices=None, chunk_size: int = 64,
+                form: str = "auto", cache_bytes: int = 256 * 2**20):
+    """``hvp_fn(vec) -> H_S vec``: the objective's Hessian on a FIXED set ``S`` of training examples.
+
+    ``H_S = (1/S) sum_{i in S} H_i + H_reg`` (``S`` = ``indices`` of ``source``, default all of
+    it), computed chunk by chunk: chunk ``c`` contributes its product with weights ``1 / S``
+    and the regularisers with ``|c| / S``, so the chunks sum exactly (up to float rounding)
+    to the product on the whole set, whatever ``chunk_size`` (the memory knob: one chunk's
+    activations at a time). Deterministic: conjugate gradients and Lanczos need that.
+    The preprocessed chunks are kept in memory when they fit in ``cache_bytes``; otherwise
+    every product reads them again from ``source``.
+    ``source``: an :class:`influence.sampling.Source` (``take(indices)``, ``labels``).
+    """
+    form = resolve_form(form)
+    product = batch_hvp(model, variables, form=form)
+    dtypes = [variable.dtype for variable in tf_variables(variables)]
+    indices = np.arange(len(source)) if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
+    total = len(indices)
+    if total == 0:
+        raise UserError("the Hessian on an empty set of training examples is undefined")
+    if chunk_size < 1:
+        raise UserError(f"chunk size must be at least 1, not {chunk_size}")
+    chunks = [indices[start:start + chunk_size] for start in range(0, total, chunk_size)]
+
+    def load(chunk):
+        x, y = as_batch(source.take(chunk), np.asarray(source.labels)[chunk])
+        weights = tf.fill([len(chunk)], tf.constant(1.0 / total, tf.float32))
+        return x, y, weights, tf.constant(len(chunk) / total, tf.float32)
+
+    cached = None
+    first = load(chunks[0])
+    if first[0].dtype.size * int(np.prod(first[0].shape[1:])) * total <= cache_bytes:
+        cached = [first] + [load(chunk) for chunk in chunks[1:]]
+
+    def hvp_fn(vec):
+        vec = [tf.cast(part, dtype) for part, dtype in zip(vec, dtypes)]
+        summed = None
+        for position, chunk in enumerate(chunks):
+            x, y, weights, regularizer_weight = cached[position] if cached is not None else load(chunk)
+            part = product(x, y, vec, weights, regularizer_weight)
+            summed = part if summed is None else [a + b for a, b in zip(summed, part)]
+        return summed
+
+    hvp_fn.form = form
+    hvp_fn.size = total
     return hvp_fn

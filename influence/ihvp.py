@@ -46,8 +46,9 @@ class LissaResult:
 
     ``s_test``: the estimate of ``(H + effective_damping * I)^-1 v``, shaped like ``v``;
     ``norms``: (repeat, depth) ``||h_j||`` after every step, to inspect convergence;
-    ``scale``, ``damping``, ``depth``, ``repeat``: the settings used (``scale`` as a number
-    even when ``"auto"`` was asked for); ``effective_damping = damping * scale``.
+    ``scale``, ``damping``, ``depth``, ``repeat``, ``averaged``: the settings used (``scale``
+    as a number even when ``"auto"`` was asked for); ``effective_damping = damping * scale``;
+    ``runs``: each run's own estimate (``s_test`` is their mean), for stability checks.
     """
 
     s_test: list[tf.Tensor]
@@ -56,6 +57,8 @@ class LissaResult:
     damping: float
     depth: int
     repeat: int
+    averaged: int = 1
+    runs: list = field(default_factory=list)
 
     @property
     def effective_damping(self) -> float:
@@ -174,6 +177,55 @@ def estimate_scale(hvp_fn: HvpFn, *, like: Vector, damping: float = 0.0,
     return margin * top
 
 
+def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: int = 0,
+                    tolerance: float = 1e-3, details: dict | None = None) -> tuple[float, float]:
+    """``(lambda_min, lambda_max)``: the extreme eigenvalues of a symmetric operator, by Lanczos.
+
+    ``hvp_fn`` must be deterministic (a fixed set of examples: :func:`influence.hvp.dataset_hvp`).
+    At most ``iterations`` products build the tridiagonal ``T_k = Q^T H Q`` of the Krylov space
+    of a random start; its extreme eigenvalues (Ritz values) approach H's extremes from inside,
+    the extremes fastest. Each is then pushed outward by its residual bound
+    ``beta_k |y_k[-1]|`` (an eigenvalue of H lies within it), so the returned range errs wide,
+    the safe side for a damping and a scale. Stops early once both bounds are below
+    ``tolerance * max|Ritz value|``. Three vectors in memory (in the variables' own dtype, dots
+    in float64): no reorthogonalisation, since lost orthogonality duplicates converged Ritz
+    values, it does not move the extremes.
+    """
+    rng = np.random.default_rng(seed)
+    q = [tf.constant(rng.standard_normal(tuple(part.shape)), part.dtype) for part in like]
+    q = _scaled(1.0 / _norm(q), q)
+    q_prev = None
+    alphas, betas = [], []
+    beta = 0.0
+    values = vectors = residuals = None
+    for step in range(max(2, iterations)):
+        w = list(hvp_fn(q))
+        alpha = _dot(q, w)
+        if not math.isfinite(alpha):
+            raise LissaDivergedError("the Hessian-vector product is not finite (NaN or inf): "
+                                     "check the model's weights and the input images")
+        w = _axpy(-alpha, q, w)
+        if q_prev is not None:
+            w = _axpy(-beta, q_prev, w)
+        alphas.append(alpha)
+        beta = _norm(w)
+        betas.append(beta)
+        k = len(alphas)
+        tridiagonal = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
+        values, vectors = np.linalg.eigh(tridiagonal)
+        residuals = abs(beta) * np.abs(vectors[-1, :])
+        size = max(abs(values[0]), abs(values[-1]), 1e-30)
+        if beta <= 1e-10 * size:
+            break  # an invariant subspace: the Ritz values are exact
+        if k >= 4 and max(residuals[0], residuals[-1]) <= tolerance * size:
+            break
+        q_prev, q = q, _scaled(1.0 / beta, w)
+    if details is not None:
+        details.update(ritz_min=float(values[0]), ritz_max=float(values[-1]), products=len(alphas),
+                       residual_min=float(residuals[0]), residual_max=float(residuals[-1]))
+    return float(values[0] - residuals[0]), float(values[-1] + residuals[-1])
+
+
 # -- LiSSA -------------------------------------------------------------------------------
 
 def _norm_bound(v_norm: float, damping: float, depth: int) -> float:
@@ -183,10 +235,16 @@ def _norm_bound(v_norm: float, damping: float, depth: int) -> float:
     return NORM_BOUND_FACTOR * v_norm * reach
 
 
+def averaged_steps(depth: int, average: float) -> int:
+    """How many final iterates a run averages: ``ceil(average * depth)``, at least 1."""
+    return max(1, min(depth, int(math.ceil(average * depth - 1e-9))))
+
+
 def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float | str,
           repeat: int = 1, callback: Callable[[int, int, float], None] | None = None,
           max_norm: float | None = None, scale_margin: float = DEFAULT_SCALE_MARGIN,
-          scale_iterations: int = DEFAULT_SCALE_ITERATIONS) -> LissaResult:
+          scale_iterations: int = DEFAULT_SCALE_ITERATIONS, average: float = 0.0,
+          keep_runs: bool = False, before_run: Callable[[int], None] | None = None) -> LissaResult:
     """Estimate ``s_test = H^-1 v`` by LiSSA (Agarwal et al. 2017; Koh & Liang 2017).
 
     Each of ``repeat`` independent runs does ``depth`` steps of
@@ -195,7 +253,9 @@ def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float 
         h_j = v + (1 - damping) h_{j-1} - H_j h_{j-1} / scale        (j = 1 .. depth)
 
     with ``H_j`` the training Hessian on the next random minibatch (``hvp_fn``), and the
-    result is the mean over runs of ``h_depth / scale``. Its fixed point is
+    result is the mean over runs of ``hbar / scale``, ``hbar`` the mean of the last
+    ``A = averaged_steps(depth, average)`` iterates ``h_{J-A+1} .. h_J`` (``average=0``: the
+    last iterate alone). Its fixed point is
 
         s_test = (H + damping * scale * I)^-1 v
 
@@ -210,6 +270,14 @@ def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float 
       ``scale_margin`` and ``scale_iterations`` (costs that many extra products; a caller
       solving for many test points should estimate once and pass the number).
     - ``repeat``: independent runs averaged, which reduces the minibatch noise.
+    - ``average`` in [0, 1]: the share of each run's final iterates averaged (tail, or
+      Polyak-Ruppert, averaging). Free (no extra products); the iterates' minibatch noise is
+      only weakly correlated from step to step, so averaging A of them cuts the variance by
+      up to A times, at the price of a bias: along an eigendirection of curvature ``mu`` the
+      iterate ``h_j`` has converged up to ``rho^(j+1)``, ``rho = 1 - damping - mu / scale``, so
+      averaging back to step ``J - A`` leaves up to ``rho^(J-A+1)`` of the slowest directions.
+    - ``keep_runs``: also return each run's estimate (``result.runs``).
+    - ``before_run(run)``: called before each run (a caller reseeds its minibatch stream there).
     - ``callback(step_done, total_steps, norm)`` after every step (a progress bar).
     - ``max_norm``: the divergence bound on ``||h_j||``; default ten times the most a
       contracting recursion can reach, ``||v|| * min(1 / damping, depth + 1)``.
@@ -236,22 +304,34 @@ def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float 
     bound = _norm_bound(v_norm, damping, depth) if max_norm is None else float(max_norm)
     keep = tf.constant(1.0 - damping, v[0].dtype)
     inv_scale = tf.constant(1.0 / scale, v[0].dtype)
+    if not 0.0 <= average <= 1.0:
+        raise UserError(f"LiSSA average must be a share of the iterates in [0, 1], not {average!r}")
+    averaged = averaged_steps(depth, average)
     norms = np.zeros((repeat, depth))
     total = None
+    runs = []
     for run in range(repeat):
+        if before_run is not None:
+            before_run(run)
         h = list(v)
+        tail = None
         for step in range(depth):
             h, norm = _lissa_step(v, h, hvp_fn(h), keep, inv_scale)
             norm = float(norm)
             norms[run, step] = norm
             if not math.isfinite(norm) or norm > bound:
                 raise LissaDivergedError(_divergence_message(norm, bound, run, step, scale, damping))
+            if step >= depth - averaged:
+                tail = h if tail is None else [a + b for a, b in zip(tail, h)]
             if callback is not None:
                 callback(run * depth + step + 1, repeat * depth, norm)
-        total = h if total is None else [a + b for a, b in zip(total, h)]
-    s_test = _scaled(1.0 / (scale * repeat), total)
+        estimate = _scaled(1.0 / (scale * averaged), tail)  # this run's s_test
+        if keep_runs:
+            runs.append(estimate)
+        total = estimate if total is None else [a + b for a, b in zip(total, estimate)]
+    s_test = _scaled(1.0 / repeat, total)
     return LissaResult(s_test=s_test, norms=norms, scale=scale, damping=float(damping),
-                       depth=int(depth), repeat=int(repeat))
+                       depth=int(depth), repeat=int(repeat), averaged=averaged, runs=runs)
 
 
 def _divergence_message(norm, bound, run, step, scale, damping) -> str:

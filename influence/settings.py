@@ -22,18 +22,22 @@ METHODS = ("lissa", "cg", "exact")
 @dataclass(frozen=True)
 class SolverSettings:
     method: str = "lissa"
-    depth: int = 100  # LiSSA steps J per repeat
+    depth: int = 50  # LiSSA steps J per chain
     batch_size: int = 8  # training minibatch for each Hessian-vector product
-    damping: float = 0.01  # LiSSA: the recursion's coefficient (effective damping = damping * scale)
-    scale: float | None = None  # None: estimated once per run ("auto")
-    repeat: int = 1  # independent LiSSA runs averaged
+    # The Tikhonov damping: the problem solved is (H + damping I) s = v, for every method;
+    # "auto": the least that makes it positive definite with a margin (docs/lissa.md).
+    damping: float | str = "auto"
+    scale: float | None = None  # LiSSA's step 1/scale; None: estimated once per run ("auto")
+    repeat: int = 2  # independent LiSSA chains averaged; two or more also give the stability report
+    average: float = 0.5  # LiSSA: the share of each chain's final iterates averaged
+    sampling: str = "curvature"  # LiSSA minibatches: "curvature" (importance) or "uniform"
     seed: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
-        if not 0.0 <= self.damping < 1.0 and self.method == "lissa":
-            raise UserError(f"LiSSA damping must be in [0, 1), not {self.damping!r}")
+        if self.damping != "auto" and not (isinstance(self.damping, (int, float)) and 0.0 <= self.damping < float("inf")):
+            raise UserError(f"damping must be 'auto' or a finite number >= 0, not {self.damping!r}")
 
     def solver(self):
         from influence import solvers
@@ -42,7 +46,8 @@ class SolverSettings:
             return solvers.ConjugateGradientSolver(damping=self.damping)
         if self.method == "exact":
             return solvers.ExactSolver(damping=self.damping)
-        return solvers.LissaSolver(depth=self.depth, damping=self.damping, scale=self.scale, repeat=self.repeat)
+        return solvers.LissaSolver(depth=self.depth, damping=self.damping, scale=self.scale, repeat=self.repeat,
+                                   average=self.average, sampling=self.sampling)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,15 @@ every record).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
 import tensorflow as tf
 
-from influence import hvp, ihvp
+from influence import hvp, ihvp, sampling
+from influence.errors import UserError
 from influence.sampling import MinibatchSampler
 
 # The scale's power iteration draws its minibatches from this stream, apart from every
@@ -46,6 +48,9 @@ class TrainingCurvature:
     seed: int = 0
     full_hvp_fn: ihvp.HvpFn | None = None
     echo: Callable[..., None] = print
+    # What preparing found about this curvature (the Lanczos range, keyed by its settings),
+    # so that solvers prepared on the same run share it.
+    cache: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, model, variables, sampler: MinibatchSampler, *, seed: int = 0, form: str = "auto",
@@ -63,6 +68,9 @@ class Solution:
 
     s_test: list[tf.Tensor]
     diagnostics: dict = field(default_factory=dict)
+    # Independent estimates whose mean is s_test (LiSSA's chains), for the stability report;
+    # empty for deterministic solvers.
+    parts: list = field(default_factory=list)
 
 
 class PreparedSolver(Protocol):
@@ -82,69 +90,300 @@ class Solver(Protocol):
 
 # -- LiSSA --------------------------------------------------------------------------------
 
+AUTO = "auto"
+# damping "auto" = AUTO_DAMPING_FACTOR * max(-lambda_min, AUTO_DAMPING_FLOOR * lambda_max):
+# H + damping I then has smallest eigenvalue >= (factor - 1) * |lambda_min| (a margin), and the
+# damping stays below twice the curvature it must cover (docs/lissa.md, "Damping").
+AUTO_DAMPING_FACTOR = 1.5
+AUTO_DAMPING_FLOOR = 0.01
+DEFAULT_CURVATURE_SAMPLE = 4096  # examples in the fixed sample that Lanczos runs on (all, up to this)
+DEFAULT_LANCZOS_ITERATIONS = 30
+# A solve is "converged" when ||h_j|| moved less than this between the last two quarters
+# of its chains (relative, window_drift): a series still growing or shrinking is not at its
+# fixed point. Calibrated in benchmarks/bench_lissa.py (docs/lissa.md).
+CONVERGED_DRIFT = 0.15
+
+
+class DampingWarning(UserWarning):
+    """A user-given damping leaves H + damping I indefinite: there is no answer to converge to."""
+
+
+@dataclass(frozen=True)
+class CurvatureEstimate:
+    """The training Hessian's extreme eigenvalues (Lanczos on a fixed sample of ``sample`` examples)."""
+
+    lambda_min: float
+    lambda_max: float
+    sample: int
+    products: int
+    seconds: float
+
+    def auto_damping(self) -> float:
+        return AUTO_DAMPING_FACTOR * max(-self.lambda_min, AUTO_DAMPING_FLOOR * self.lambda_max)
+
+    def margin(self, damping: float) -> float:
+        """The smallest eigenvalue of ``H + damping I``: > 0 when the problem is well posed."""
+        return self.lambda_min + damping
+
+
+def estimate_curvature(curvature: TrainingCurvature, *, sample: int = DEFAULT_CURVATURE_SAMPLE,
+                       iterations: int = DEFAULT_LANCZOS_ITERATIONS, chunk_size: int = 64) -> CurvatureEstimate:
+    """Lanczos (:func:`influence.ihvp.curvature_range`) on a fixed random sample of the training set.
+
+    ``sample`` examples (all of them when the set is smaller), drawn once per run from the
+    run's seed; ``iterations`` products on that sample, each in chunks of ``chunk_size``
+    (:func:`influence.hvp.dataset_hvp`). The sample's Hessian has a slightly wider spectrum
+    than the full set's (sampling noise spreads the extremes), the safe side for a damping.
+    """
+    key = ("curvature_range", curvature.seed, sample, iterations)
+    if key in curvature.cache:
+        return curvature.cache[key]
+    began = time.perf_counter()
+    source = curvature.sampler.source
+    count = len(source)
+    if sample >= count:
+        indices = np.arange(count)
+    else:
+        indices = np.sort(np.random.default_rng([curvature.seed, SCALE_STREAM]).choice(count, sample, replace=False))
+    hvp_fn = hvp.dataset_hvp(curvature.model, curvature.variables, source, indices=indices, chunk_size=chunk_size)
+    low, high = ihvp.curvature_range(hvp_fn, like=curvature.zeros(), iterations=iterations, seed=curvature.seed)
+    estimate = CurvatureEstimate(low, high, len(indices), iterations, time.perf_counter() - began)
+    curvature.cache[key] = estimate
+    return estimate
+
 
 @dataclass(frozen=True)
 class LissaSolver:
-    """LiSSA (:func:`influence.ihvp.lissa`) on random minibatches of the whole training set.
+    """LiSSA (:func:`influence.ihvp.lissa`) for ``(H + damping I)^-1 v`` on random minibatches.
 
-    Prepared: the scale, estimated once per run by power iteration unless given. Applied:
-    ``depth`` steps per repeat, the sampler reseeded with each test image's key.
+    Knobs (docs/lissa.md gives the math and the measurements behind the defaults):
+
+    - ``depth`` J and ``repeat`` R: R independent chains of J steps each (R*J products per
+      test image); the answer is their mean, and with R >= 2 the chains' disagreement is the
+      stability report (``Solution.parts``).
+    - ``damping``: the Tikhonov damping of the problem solved, ``H + damping I`` (the same
+      number CG takes), or ``"auto"``: :meth:`CurvatureEstimate.auto_damping`, the least
+      damping that makes the problem positive definite with a margin. A number that leaves
+      it indefinite is used as given, with a :class:`DampingWarning` naming the numbers.
+    - ``scale``: LiSSA's step ``1 / scale``, above the largest curvature of the minibatches
+      it sees; None: ``margin * `` the largest of the power-iteration estimate on those very
+      minibatches and Lanczos's ``lambda_max``.
+    - ``average``: the share of each chain's final iterates averaged (0: last iterate).
+    - ``sampling``: ``"curvature"`` draws minibatch examples in proportion to their softmax
+      curvature (mixed with 10% uniform) and reweights them by ``1 / (N q_i)`` (an unbiased
+      Hessian with less variance, :mod:`influence.sampling`); ``"uniform"``: as before.
+    - ``curvature_sample``, ``lanczos_iterations``: the Lanczos run behind the curvature range.
     """
 
-    depth: int = 100
-    damping: float = 0.01
+    depth: int = 50
+    damping: float | str = AUTO
     scale: float | None = None  # None: "auto", estimated once per run
-    repeat: int = 1
+    repeat: int = 2
+    average: float = 0.5
+    sampling: str = "curvature"
+    curvature_sample: int = DEFAULT_CURVATURE_SAMPLE
+    lanczos_iterations: int = DEFAULT_LANCZOS_ITERATIONS
     name: str = "lissa"
 
     def settings(self) -> dict:
         return {"method": self.name, "depth": self.depth, "damping": self.damping, "scale": self.scale,
-                "repeat": self.repeat}
+                "repeat": self.repeat, "average": self.average, "sampling": self.sampling,
+                "curvature_sample": self.curvature_sample, "lanczos_iterations": self.lanczos_iterations}
 
     def prepare(self, curvature: TrainingCurvature) -> "PreparedLissa":
+        if self.sampling not in ("curvature", "uniform"):
+            raise UserError(f"unknown LiSSA sampling {self.sampling!r}; valid: curvature, uniform")
+        echo = curvature.echo
+        sampler = curvature.sampler
+        if self.sampling == "curvature" and not sampler.full_batch:
+            began = time.perf_counter()
+            echo("Per-example curvature for the minibatch sampling...", end="")
+            traces = sampling.softmax_curvature(curvature.model, sampler.source)
+            sampler = sampler.with_probabilities(sampling.importance_probabilities(traces))
+            echo(f" done ({time.perf_counter() - began:.1f} s)")
+        hvp_fn = curvature.hvp_fn if sampler is curvature.sampler else hvp.training_hvp(
+            curvature.model, curvature.variables, sampler)
+
+        echo("Curvature of the training Hessian (Lanczos)...", end="")
+        estimate = estimate_curvature(curvature, sample=self.curvature_sample, iterations=self.lanczos_iterations)
+        echo(f" eigenvalues from {estimate.lambda_min:.4g} to {estimate.lambda_max:.4g} "
+             f"({estimate.sample} examples, {estimate.seconds:.1f} s)")
+        damping = resolve_damping(self.damping, estimate, echo=echo)
+
         scale = self.scale
         if scale is None:
-            curvature.sampler.reseed(curvature.seed, SCALE_STREAM)
+            sampler.reseed(curvature.seed, SCALE_STREAM)
             began = time.perf_counter()
-            curvature.echo("Estimate LiSSA scale...", end="")
-            scale = float(ihvp.estimate_scale(curvature.hvp_fn, like=curvature.zeros(), damping=self.damping))
-            curvature.echo(f" {scale:.4g} ({time.perf_counter() - began:.1f} s)")
-        return PreparedLissa(self, curvature, float(scale))
+            echo("Estimate LiSSA scale...", end="")
+            minibatch_top = ihvp.estimate_scale(hvp_fn, like=curvature.zeros(), margin=1.0)
+            # The recursion contracts along curvature mu when 0 < damping + mu < 2 * scale, and its
+            # coefficient damping / scale must stay below 1.
+            scale = ihvp.DEFAULT_SCALE_MARGIN * max(minibatch_top, estimate.lambda_max, damping)
+            echo(f" {scale:.4g} ({time.perf_counter() - began:.1f} s)")
+        if not damping < scale:
+            raise UserError(f"damping {damping:.4g} is not below the LiSSA scale {scale:.4g}: the answer would be "
+                            "little more than the test gradient; lower --damping")
+        return PreparedLissa(self, sampler, hvp_fn, float(scale), float(damping), estimate)
+
+
+def resolve_damping(damping: float | str, estimate: CurvatureEstimate, *, echo: Callable[..., None] = print) -> float:
+    """The Tikhonov damping to solve with: ``"auto"`` from the curvature range, or the number given
+    (with a :class:`DampingWarning` when ``H + damping I`` is indefinite)."""
+    if damping == AUTO:
+        chosen = estimate.auto_damping()
+        echo(f"Damping (auto): {chosen:.4g}; H + damping I has smallest eigenvalue about "
+             f"{estimate.margin(chosen):.4g}")
+        return chosen
+    damping = float(damping)
+    if estimate.margin(damping) <= 0:
+        message = (f"damping {damping:.4g} leaves H + damping I indefinite: the training Hessian's most negative "
+                   f"eigenvalue is about {estimate.lambda_min:.4g} (largest {estimate.lambda_max:.4g}), so there is "
+                   f"no answer to converge to; use --damping auto ({estimate.auto_damping():.4g}) or at least "
+                   f"{-estimate.lambda_min:.4g}")
+        warnings.warn(message, DampingWarning, stacklevel=2)
+        echo(f"WARNING: {message}")
+    return damping
 
 
 class PreparedLissa:
     name = "lissa"
 
-    def __init__(self, solver: LissaSolver, curvature: TrainingCurvature, scale: float):
+    def __init__(self, solver: LissaSolver, sampler: MinibatchSampler, hvp_fn, scale: float, damping: float,
+                 estimate: CurvatureEstimate):
         self.solver = solver
-        self.curvature = curvature
+        self.sampler = sampler
+        self.hvp_fn = hvp_fn
         self.scale = scale
-        self.diagnostics = {"scale_used": scale, "effective_damping": solver.damping * scale}
+        self.damping = damping
+        self.estimate = estimate
+        averaged = ihvp.averaged_steps(solver.depth, solver.average)
+        # Along the slowest direction (curvature lambda_min) an iterate h_j has converged up to
+        # rho^(j+1); the earliest iterate averaged is h_{J-A+1}.
+        rho = 1.0 - (damping + estimate.lambda_min) / scale
+        self.diagnostics = {
+            "method": "lissa", "scale_used": scale, "effective_damping": damping,
+            "lissa_damping": damping / scale, "lambda_min": estimate.lambda_min,
+            "lambda_max": estimate.lambda_max, "well_posed": estimate.margin(damping) > 0,
+            "sampling": solver.sampling, "depth": solver.depth, "repeat": solver.repeat,
+            "averaged_steps": averaged,
+            "slowest_residual": float(abs(rho) ** (solver.depth - averaged + 1)) if rho < 1 else float("inf"),
+        }
 
     @property
     def steps(self) -> int:
         return self.solver.depth * self.solver.repeat
 
     def solve(self, v, *, key=(), callback=None) -> Solution:
-        self.curvature.sampler.reseed(*key)
-        result = ihvp.lissa(self.curvature.hvp_fn, v, depth=self.solver.depth, damping=self.solver.damping,
-                            scale=self.scale, repeat=self.solver.repeat, callback=callback)
+        result = ihvp.lissa(self.hvp_fn, v, depth=self.solver.depth, damping=self.damping / self.scale,
+                            scale=self.scale, repeat=self.solver.repeat, callback=callback,
+                            average=self.solver.average, keep_runs=self.solver.repeat > 1,
+                            before_run=lambda run: self.sampler.reseed(*key) if run == 0 else self.sampler.reseed(*key, run))
+        drift = window_drift(result.norms)
+        parts = result.runs if len(result.runs) > 1 else []
+        spread = None
+        if parts:
+            spread = ihvp._norm([a - b for a, b in zip(parts[0], parts[1])]) / max(
+                ihvp._norm(result.s_test), 1e-30)
         return Solution(result.s_test, {
             "effective_damping": result.effective_damping,
+            "well_posed": self.diagnostics["well_posed"],
+            "drift": drift,
+            "chains_relative_difference": spread,
+            "converged": bool(self.diagnostics["well_posed"] and drift < CONVERGED_DRIFT),
             "lissa_norms": np.asarray(result.norms).tolist(),
-        })
+        }, parts=parts)
+
+
+def window_drift(norms: np.ndarray) -> float:
+    """How far ``||h_j||`` still moves at the end of a chain, relative, worst chain: the mean
+    over the last quarter of the steps against the quarter before. A chain at its fixed
+    point only fluctuates around a constant norm; one still climbing (slow or negative
+    curvature not yet resolved) or falling shows up here."""
+    norms = np.atleast_2d(np.asarray(norms, dtype=np.float64))
+    quarter = max(1, norms.shape[1] // 4)
+    if norms.shape[1] < 2 * quarter:
+        return float("nan")
+    late = norms[:, -quarter:].mean(axis=1)
+    early = norms[:, -2 * quarter:-quarter].mean(axis=1)
+    return float(np.max(np.abs(late - early) / np.maximum(late, 1e-30)))
+
+
+# -- how much to trust an answer ------------------------------------------------------------
+
+STABLE_SHARED = 4  # of the top 5: the two chains must share at least this many (docs/lissa.md)
+
+
+def top_k_shared(scores_a, scores_b, *, k: int = 5, harmful: bool = True) -> int:
+    """How many of the ``k`` most harmful (lowest score; ``harmful=False``: most useful) the two
+    score vectors share."""
+    a, b = np.asarray(scores_a), np.asarray(scores_b)
+    order = (lambda s: np.argsort(s, kind="stable")[:k]) if harmful else (lambda s: np.argsort(-s, kind="stable")[:k])
+    return len(set(order(a).tolist()) & set(order(b).tolist()))
+
+
+def stability(scores_a, scores_b, *, k: int = 5, stable_shared: int | None = None) -> dict:
+    """The stability of a top-k from two independent halves of the work (the chains' scores:
+    ``influence_scores`` of ``Solution.parts[0]`` and ``[1]``). Each half has twice the
+    variance of the full answer, so this errs on the cautious side. JSON-ready:
+    ``{"harmful_shared", "useful_shared", "k", "stable", "pearson"}``."""
+    need = stable_shared if stable_shared is not None else max(1, round(k * STABLE_SHARED / 5))
+    harmful = top_k_shared(scores_a, scores_b, k=k, harmful=True)
+    useful = top_k_shared(scores_a, scores_b, k=k, harmful=False)
+    a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    pearson = float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else float("nan")
+    return {"harmful_shared": harmful, "useful_shared": useful, "k": k,
+            "stable": bool(harmful >= need and useful >= need), "pearson": pearson}
+
+
+def run_summary(diagnostics: list[dict]) -> tuple[dict, str]:
+    """Counts over a run's per-test-image diagnostics (each a ``Solution.diagnostics``, with
+    ``stability`` added by the caller where it scored the halves) and one line of advice."""
+    total = len(diagnostics)
+    unconverged = sum(1 for d in diagnostics if d.get("converged") is False)
+    unstable = sum(1 for d in diagnostics if (d.get("stability") or {}).get("stable") is False)
+    ill_posed = sum(1 for d in diagnostics if d.get("well_posed") is False)
+    counts = {"test_images": total, "unconverged": unconverged, "unstable": unstable, "ill_posed": ill_posed}
+    advice = []
+    if ill_posed:
+        advice.append("the damping leaves H + damping I indefinite: use --damping auto")
+    if unconverged:
+        advice.append("raise --depth (LiSSA has not reached its fixed point)")
+    if unstable:
+        advice.append("raise --batch-size or --depth (the top-5 changes between independent halves of the work), "
+                      "or use --method cg where the training set is small")
+    if not advice:
+        line = f"all {total} test images converged with a stable top-{(diagnostics[0].get('stability') or {}).get('k', 5) if diagnostics else 5}"
+    else:
+        line = (f"{unstable} of {total} test images have an unstable top-5, {unconverged} did not converge"
+                + (f", {ill_posed} were solved with an indefinite H + damping I" if ill_posed else "")
+                + ": " + "; ".join(advice))
+    return counts, line
 
 
 # -- deterministic solvers on the full-batch Hessian ----------------------------------------
 
 
+# Examples per chunk of the full-batch product (memory: one chunk's activations at a time).
+FULL_BATCH_CHUNK = 64
+
+
 @dataclass(frozen=True)
 class ConjugateGradientSolver:
-    """Conjugate gradients on the full-batch Hessian: ``(H + damping I) x = v``, ``damping`` Tikhonov."""
+    """Conjugate gradients on the full-batch Hessian: ``(H + damping I) x = v``, ``damping`` Tikhonov.
 
-    damping: float = 0.01
-    max_iterations: int = 100
+    Exact up to ``tolerance`` (the relative residual), deterministic, and about
+    ``sqrt(kappa) log(1 / tolerance)`` full-batch products per test image, ``kappa = (lambda_max
+    + damping) / (lambda_min + damping)``: the method of choice where a full-batch product costs
+    less than ~2 LiSSA solves' worth of minibatch products (docs/lissa.md, "When to use CG").
+    ``damping="auto"`` is resolved as for LiSSA, from Lanczos on the whole training set.
+    The full-batch product is summed over chunks of ``chunk_size`` examples (exact: the
+    chunks' weighted products add up to the whole set's).
+    """
+
+    damping: float | str = AUTO
+    max_iterations: int = 200
     tolerance: float = 1e-6
+    chunk_size: int = FULL_BATCH_CHUNK
     name: str = "cg"
 
     def settings(self) -> dict:
@@ -152,10 +391,26 @@ class ConjugateGradientSolver:
                 "tolerance": self.tolerance}
 
     def prepare(self, curvature: TrainingCurvature) -> "PreparedDeterministic":
-        return PreparedDeterministic(self.name, _full_hvp(curvature), {"effective_damping": self.damping},
-                                     lambda hvp_fn, v: ihvp.conjugate_gradient(
-                                         hvp_fn, v, damping=self.damping, max_iterations=self.max_iterations,
-                                         tolerance=self.tolerance))
+        hvp_fn = _full_hvp(curvature, self.chunk_size)
+        count = len(curvature.sampler.source)
+        curvature.echo("Curvature of the training Hessian (Lanczos, full batch)...", end="")
+        estimate = estimate_curvature(curvature, sample=count, iterations=DEFAULT_LANCZOS_ITERATIONS,
+                                      chunk_size=self.chunk_size)
+        curvature.echo(f" eigenvalues from {estimate.lambda_min:.4g} to {estimate.lambda_max:.4g} "
+                       f"({estimate.seconds:.1f} s)")
+        damping = resolve_damping(self.damping, estimate, echo=curvature.echo)
+        diagnostics = {"method": self.name, "effective_damping": damping, "lambda_min": estimate.lambda_min,
+                       "lambda_max": estimate.lambda_max, "well_posed": estimate.margin(damping) > 0}
+        tolerance = self.tolerance
+
+        def solve(fn, v):
+            return ihvp.conjugate_gradient(fn, v, damping=damping, max_iterations=self.max_iterations,
+                                           tolerance=tolerance)
+
+        prepared = PreparedDeterministic(self.name, hvp_fn, diagnostics, solve)
+        prepared.tolerance = tolerance
+        prepared.damping = damping
+        return prepared
 
 
 @dataclass(frozen=True)
@@ -170,16 +425,17 @@ class ExactSolver:
         return {"method": self.name, "damping": self.damping}
 
     def prepare(self, curvature: TrainingCurvature) -> "PreparedDeterministic":
+        if self.damping == AUTO:
+            raise UserError("the exact solve needs a number for the damping, not 'auto'")
         return PreparedDeterministic(self.name, _full_hvp(curvature), {"effective_damping": self.damping},
                                      lambda hvp_fn, v: ihvp.exact_solve(
                                          hvp_fn, v, damping=self.damping, max_parameters=self.max_parameters))
 
 
-def _full_hvp(curvature: TrainingCurvature) -> ihvp.HvpFn:
+def _full_hvp(curvature: TrainingCurvature, chunk_size: int = FULL_BATCH_CHUNK) -> ihvp.HvpFn:
     if curvature.full_hvp_fn is not None:
         return curvature.full_hvp_fn
-    full = MinibatchSampler(curvature.sampler.source, len(curvature.sampler))
-    return hvp.training_hvp(curvature.model, curvature.variables, full)
+    return hvp.dataset_hvp(curvature.model, curvature.variables, curvature.sampler.source, chunk_size=chunk_size)
 
 
 class PreparedDeterministic:
@@ -189,9 +445,18 @@ class PreparedDeterministic:
         self.diagnostics = diagnostics
         self._solve = solve
 
+    tolerance: float | None = None
+
     def solve(self, v, *, key=(), callback=None) -> Solution:
         result = self._solve(self.hvp_fn, v)
+        residuals = np.asarray(result.residual_norms)
+        relative = float(residuals[-1] / max(residuals[0], 1e-30)) if len(residuals) else float("nan")
+        converged = self.diagnostics.get("well_posed", True) and (
+            self.tolerance is None or relative <= 1.01 * self.tolerance)
         return Solution(result.s_test, {
             "effective_damping": result.damping,
-            "residual_norms": np.asarray(result.residual_norms).tolist(),
+            "well_posed": self.diagnostics.get("well_posed", True),
+            "converged": bool(converged),
+            "relative_residual": relative,
+            "residual_norms": residuals.tolist(),
         })

@@ -154,10 +154,11 @@ def test_record_top_rows_are_the_dictionary_extremes(workspace, full_run):
         assert settings["solver"]["depth"] == 6 and settings["solver"]["batch_size"] == 4
         assert settings["solver"]["seed"] == 3
         assert solver["method"] == "lissa"
-        assert solver["scale_used"] > 0 and solver["effective_damping"] == pytest.approx(0.01 * solver["scale_used"])
+        assert solver["scale_used"] > 0 and solver["effective_damping"] > 0
+        assert solver["lissa_damping"] == pytest.approx(solver["effective_damping"] / solver["scale_used"])
         assert len(settings["model_sha256"]) == 64
         norms = np.asarray(solver["lissa_norms"])
-        assert norms.shape == (1, 6) and np.all(np.isfinite(norms)) and np.all(norms > 0)
+        assert norms.shape == (2, 6) and np.all(np.isfinite(norms)) and np.all(norms > 0)
         assert set(record["versions"]) >= {"tensorflow", "keras", "numpy", "python"}
 
 
@@ -187,13 +188,23 @@ def test_scores_equal_the_engine(workspace, full_run):
         variables = params.select(model)
         v = hvp.loss_gradient(model, variables, preprocess(orig.images[row][None]), np.array([1]))
         # The minibatches the job must draw, recomputed here from the documented key
-        # (seed, crc32(folder), label, number) with NumPy alone, not with the job's sampler.
-        rng = np.random.default_rng([3, zlib.crc32(b"orig"), 1, 1])
+        # (seed, crc32(folder), label, number; chain r > 0 appends r) and the documented
+        # curvature sampling (q_i = 0.9 c_i / sum c + 0.1 / N with c_i = 1 - sum_k p_k^2,
+        # weights 1 / (B N q_i)) with NumPy alone, not with the job's sampler.
         labels = np.asarray(train.labels)
-        drawn = [np.sort(rng.choice(len(train), size=4, replace=False)) for _ in range(6)]
-        batches = iter([(preprocess(train.read(index)), labels[index]) for index in drawn])
-        hvp_fn = hvp.training_hvp(model, variables, batches)
-        result = ihvp.lissa(hvp_fn, v, depth=6, damping=0.01, scale=record["solver"]["scale_used"], repeat=1)
+        p = np.asarray(model(preprocess(train.read(np.arange(len(train)))), training=False), dtype=np.float64)
+        c = 1.0 - np.sum(p * p, axis=1)
+        q = 0.9 * c / c.sum() + 0.1 / len(c)
+        batches = []
+        for key in ([3, zlib.crc32(b"orig"), 1, 1], [3, zlib.crc32(b"orig"), 1, 1, 1]):
+            rng = np.random.default_rng(key)
+            for _ in range(6):
+                index = np.sort(rng.choice(len(train), size=4, replace=True, p=q))
+                weights = (1.0 / (4 * len(train) * q[index])).astype(np.float32)
+                batches.append((preprocess(train.read(index)), labels[index], weights))
+        hvp_fn = hvp.training_hvp(model, variables, iter(batches))
+        result = ihvp.lissa(hvp_fn, v, depth=6, damping=record["solver"]["lissa_damping"],
+                            scale=record["solver"]["scale_used"], repeat=2, average=0.5)
         indices = train.label_indices(1)
         expected = scores.influence_scores(
             model, variables, result.s_test, preprocess(train.read(indices)), np.asarray(train.labels)[indices]
@@ -296,8 +307,8 @@ def bad_inputs(workspace):
         (["--layers", "nonesuch"], "nonesuch"),
         (["-i", "0"], "'0' is not a positive integer"),
         (["--scale", "-1"], "neither 'auto' nor a finite number > 0"),
-        (["--damping", "1"], "'1' is not a number in [0, 1)"),
-        (["--damping", "-0.5"], "'-0.5' is not a number in [0, 1)"),
+        (["--damping", "x"], "'x' is neither 'auto' nor a finite number >= 0"),
+        (["--damping", "-0.5"], "'-0.5' is neither 'auto' nor a finite number >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, args, message):

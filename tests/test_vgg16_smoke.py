@@ -13,7 +13,7 @@ from imagegen import make_class_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 1e4
-DAMPING = 0.01
+DAMPING = 0.01  # LiSSA's coefficient; the Tikhonov damping passed to calculate.py is DAMPING * SCALE
 DEPTH = 2
 
 
@@ -87,7 +87,7 @@ def test_vgg16_default_path_end_to_end(tmp_path):
 
     result = subprocess.run(
         [sys.executable, str(ROOT / "calculate.py"), "--weights", str(weights), "-i", str(DEPTH), "-b", "4",
-         "--score-batch-size", "2", "--scale", str(SCALE), "--damping", str(DAMPING), "-sf", "pdf"],
+         "--score-batch-size", "2", "--scale", str(SCALE), "--damping", str(DAMPING * SCALE), "-sf", "pdf"],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr

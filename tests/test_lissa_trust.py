@@ -1,0 +1,199 @@
+"""The LiSSA defaults against exact answers: weighted minibatches, the curvature range, auto
+damping, the warning on an indefinite problem, the chunked full-batch product, CG, and the
+stability report. References come from engine_models (TensorFlow's own Jacobian of the
+explicit objective) and np.linalg, never from the code under test."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine_models import explicit_hessian, flat, mlp, random_vector, softmax_regression, tabular_data
+from influence import hvp, ihvp, params, sampling, solvers
+from influence.sampling import ArraySource, MinibatchSampler
+
+
+def _curvature(model, x, y, batch_size, seed=0):
+    variables = params.select(model)
+    sampler = MinibatchSampler(ArraySource(x, y), batch_size, seed=seed)
+    return solvers.TrainingCurvature.build(model, variables, sampler, seed=seed, echo=lambda *a, **k: None)
+
+
+def _nonconvex():
+    """A random tanh network away from any minimum: its training Hessian has negative eigenvalues."""
+    model = mlp(softmax=True, inputs=4, hidden=5, classes=3, seed=4)
+    x, y = tabular_data(60, inputs=4)
+    return model, x, y
+
+
+def test_chunked_full_batch_product_is_the_explicit_hessian():
+    model = mlp(softmax=True, regularise=0.05, inputs=4, hidden=5, classes=3, seed=1)
+    x, y = tabular_data(50, inputs=4)
+    variables = params.select(model)
+    hessian = explicit_hessian(model, variables, x, y)
+    vec = random_vector(variables)
+    for chunk_size in (25, 50):  # two chunks and one: the regulariser is counted once either way
+        product = hvp.dataset_hvp(model, variables, ArraySource(x, y), chunk_size=chunk_size)(vec)
+        np.testing.assert_allclose(flat(product), hessian @ flat(vec), rtol=2e-4, atol=1e-5)
+
+
+def test_importance_weighted_minibatches_average_to_the_full_hessian():
+    model = mlp(softmax=True, regularise=0.05, inputs=4, hidden=5, classes=3, seed=1)
+    x, y = tabular_data(30, inputs=4)
+    variables = params.select(model)
+    hessian = explicit_hessian(model, variables, x, y)
+    vec = random_vector(variables)
+    q = np.random.default_rng(0).uniform(0.2, 3.0, size=len(x))
+    sampler = MinibatchSampler(ArraySource(x, y), 4, seed=0, probabilities=q / q.sum())
+    hvp_fn = hvp.training_hvp(model, variables, sampler)
+    draws = np.array([flat(hvp_fn(vec)) for _ in range(600)])
+    expected = hessian @ flat(vec)
+    # Unbiased: the mean of the weighted products converges to the full product (within its
+    # standard error); the same products unweighted (a sampler over the same q) would not.
+    error = np.linalg.norm(draws.mean(axis=0) - expected)
+    standard_error = np.sqrt(draws.var(axis=0).sum() / len(draws))
+    assert error < 4 * standard_error
+    assert standard_error < 0.15 * np.linalg.norm(expected)
+
+
+def test_curvature_range_matches_the_explicit_hessian():
+    model, x, y = _nonconvex()
+    variables = params.select(model)
+    eigenvalues = np.linalg.eigvalsh(explicit_hessian(model, variables, x, y))
+    assert eigenvalues[0] < -0.01  # the case has negative curvature, else the test proves little
+    hvp_fn = hvp.dataset_hvp(model, variables, ArraySource(x, y), chunk_size=16)
+    low, high = ihvp.curvature_range(hvp_fn, like=random_vector(variables), iterations=40)
+    assert low == pytest.approx(eigenvalues[0], rel=0.05, abs=1e-3)
+    assert high == pytest.approx(eigenvalues[-1], rel=0.02)
+
+
+def test_auto_damping_makes_the_problem_positive_definite_and_no_larger_than_needed():
+    model, x, y = _nonconvex()
+    curvature = _curvature(model, x, y, batch_size=8)
+    prepared = solvers.LissaSolver().prepare(curvature)
+    eigenvalues = np.linalg.eigvalsh(explicit_hessian(model, params.select(model), x, y))
+    assert eigenvalues[0] + prepared.damping > 0.2 * abs(eigenvalues[0])  # positive definite, with a margin
+    assert prepared.damping <= 2 * max(abs(eigenvalues[0]), 0.01 * eigenvalues[-1])
+    assert prepared.diagnostics["well_posed"] is True
+
+
+def test_a_forced_indefinite_damping_warns_with_the_numbers():
+    model, x, y = _nonconvex()
+    lines = []
+    curvature = _curvature(model, x, y, batch_size=8)
+    curvature.echo = lambda text="", end="\n": lines.append(text)
+    with pytest.warns(solvers.DampingWarning, match=r"indefinite.*most negative eigenvalue is about -\d"):
+        prepared = solvers.LissaSolver(damping=0.001).prepare(curvature)
+    assert prepared.diagnostics["well_posed"] is False
+    assert any(line.startswith("WARNING: damping 0.001 leaves H + damping I indefinite") for line in lines)
+    # An ample damping says nothing.
+    with warnings_as_errors():
+        solvers.LissaSolver(damping=5.0).prepare(_curvature(model, x, y, batch_size=8))
+
+
+class warnings_as_errors:
+    def __enter__(self):
+        import warnings
+
+        self._context = warnings.catch_warnings()
+        self._context.__enter__()
+        warnings.simplefilter("error", solvers.DampingWarning)
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+
+def _expected_estimate(hessian, v, *, damping, scale, depth, averaged):
+    """The mean of the LiSSA estimate when E[H_j] = H and H_j is independent of h_{j-1}:
+    the same recursion with the full Hessian, in NumPy."""
+    step = np.eye(len(v)) - (damping * np.eye(len(v)) + hessian) / scale
+    h, tail = v.copy(), np.zeros_like(v)
+    for j in range(depth):
+        h = v + step @ h
+        if j >= depth - averaged:
+            tail += h
+    return tail / (averaged * scale)
+
+
+def test_default_estimator_bias_and_variance_against_the_exact_solve():
+    """Measured over 6 seeds on softmax regression at the same 100 products of 4 examples:
+    the new defaults (curvature sampling, averaged iterates, two chains of 50) and the last
+    iterate of uniform minibatches. Each estimator's mean is its deterministic recursion
+    (unbiased minibatch Hessians, weighted or not), whose distance to the exact solve is the
+    truncation bias; the new defaults have less variance, and more truncation bias (the
+    averaged window reaches back to step 26): docs/lissa.md."""
+    model = softmax_regression(l2=0.01)
+    x, y = tabular_data(80)
+    variables = params.select(model)
+    v = hvp.loss_gradient(model, variables, x[:1], y[:1])
+    hessian = explicit_hessian(model, variables, x, y)
+    curvature = _curvature(model, x, y, batch_size=4)
+    new = solvers.LissaSolver(depth=50, repeat=2, damping=0.2).prepare(curvature)
+    old = solvers.LissaSolver(depth=100, repeat=1, damping=0.2, average=0.0, sampling="uniform",
+                              scale=new.scale).prepare(curvature)
+    exact = np.linalg.solve(hessian + 0.2 * np.eye(len(hessian)), flat(v))
+    size = np.linalg.norm(exact)
+    figures = {}
+    for name, prepared, depth, averaged in (("new", new, 50, 25), ("old", old, 100, 1)):
+        estimates = np.array([flat(prepared.solve(v, key=(seed,)).s_test) for seed in range(6)])
+        mean = estimates.mean(axis=0)
+        spread = np.sqrt(np.mean(np.sum((estimates - mean) ** 2, axis=1)))
+        expected = _expected_estimate(hessian, flat(v), damping=0.2, scale=new.scale, depth=depth, averaged=averaged)
+        # The estimator's mean is its deterministic recursion, within the standard error.
+        assert np.linalg.norm(mean - expected) < 4 * spread / np.sqrt(len(estimates)) + 1e-3 * size, name
+        figures[name] = (np.linalg.norm(expected - exact) / size, spread / size)
+    (new_bias, new_spread), (old_bias, old_spread) = figures["new"], figures["old"]
+    assert new_spread < 0.7 * old_spread, figures  # the variance reduction, measured
+    assert old_bias < new_bias < 0.15, figures  # the truncation bias it costs here, measured
+
+
+def test_cg_solver_on_the_chunked_product_is_the_exact_solve():
+    model, x, y = _nonconvex()
+    variables = params.select(model)
+    hessian = explicit_hessian(model, variables, x, y)
+    v = hvp.loss_gradient(model, variables, x[:1], y[:1])
+    prepared = solvers.ConjugateGradientSolver(chunk_size=16).prepare(_curvature(model, x, y, 8))  # damping auto
+    solution = prepared.solve(v)
+    expected = np.linalg.solve(hessian + prepared.damping * np.eye(len(hessian)), flat(v))
+    np.testing.assert_allclose(flat(solution.s_test), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    assert solution.diagnostics["converged"] is True and solution.diagnostics["well_posed"] is True
+
+
+def test_top_k_shared_counts_both_ends():
+    a = np.array([-5.0, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5])
+    b = a.copy()
+    b[[0, 1]] = [4.5, 4.6]  # two of a's most harmful become useful in b
+    assert solvers.top_k_shared(a, b, k=5, harmful=True) == 3
+    assert solvers.top_k_shared(a, b, k=5, harmful=False) == 3  # they displace two of b's useful
+    assert solvers.top_k_shared(a, a, k=5) == 5
+
+
+def test_stability_report_flags_a_noisy_solve_and_passes_a_deterministic_one():
+    model, x, y = _nonconvex()
+    variables = params.select(model)
+    v = hvp.loss_gradient(model, variables, x[:1], y[:1])
+
+    def halves_report(batch_size, depth):
+        curvature = _curvature(model, x, y, batch_size=batch_size)
+        solution = solvers.LissaSolver(depth=depth, repeat=2).prepare(curvature).solve(v, key=(0,))
+        assert len(solution.parts) == 2
+        from influence import scores
+
+        a, b = (scores.influence_scores(model, variables, part, x, y) for part in solution.parts)
+        return solvers.stability(a, b, k=5)
+
+    # Minibatches of one example, 4 steps: the two chains see different Hessians.
+    noisy = halves_report(batch_size=1, depth=4)
+    assert noisy["stable"] is False
+    # The full batch every step: both chains are the same deterministic recursion.
+    deterministic = halves_report(batch_size=len(x), depth=60)
+    assert deterministic["stable"] is True and deterministic["harmful_shared"] == 5
+
+
+def test_run_summary_counts_and_advises():
+    rows = [{"converged": True, "stability": {"stable": True, "k": 5}},
+            {"converged": False, "stability": {"stable": False, "k": 5}},
+            {"converged": True, "stability": {"stable": False, "k": 5}, "well_posed": False}]
+    counts, line = solvers.run_summary(rows)
+    assert counts == {"test_images": 3, "unconverged": 1, "unstable": 2, "ill_posed": 1}
+    assert "2 of 3 test images have an unstable top-5" in line and "--depth" in line and "--damping auto" in line
+    assert solvers.run_summary(rows[:1])[1].startswith("all 1 test images converged")
