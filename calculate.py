@@ -65,9 +65,11 @@ def build_parser() -> cli.ArgumentParser:
     )
     lissa = parser.add_argument_group("LiSSA and scoring")
     lissa.add_argument(
-        "--method", choices=("lissa", "cg"), default="lissa",
+        "--method", choices=("lissa", "cg", "ekfac"), default="lissa",
         help="lissa (default): stochastic, any size; cg: conjugate gradients on the full-batch Hessian, exact, "
-        "for training sets whose full-batch product is cheap (docs/lissa.md)",
+        "for training sets whose full-batch product is cheap (docs/lissa.md); ekfac: Kronecker-factored "
+        "Gauss-Newton curvature fitted once per training archive, then cheap for every test image "
+        "(Dense and Conv2D layers; docs/ekfac.md)",
     )
     lissa.add_argument("-i", "--depth", type=positive_int, default=50, help="LiSSA steps per chain (default 50)")
     lissa.add_argument(
@@ -80,7 +82,7 @@ def build_parser() -> cli.ArgumentParser:
     lissa.add_argument(
         "--damping", type=damping_value, default="auto", metavar="auto|D",
         help="the Hessian inverted is H + D*I; 'auto' (default): the least D that makes it positive definite "
-        "with a margin, from the curvature range estimated once per run",
+        "with a margin, from the curvature range estimated once per run (ekfac: 0.1 x its mean eigenvalue)",
     )
     lissa.add_argument(
         "--scale", type=scale_value, default=None, metavar="auto|S",

@@ -18,7 +18,7 @@ output for a test image: the frozen layers run once per image, not in every prod
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -71,7 +71,19 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
     sampler = sampling.MinibatchSampler(source or sampling.ArchiveSource(train, loaded.preprocess),
                                         settings.solver.batch_size)
     curvature = solvers.TrainingCurvature.build(model, variables, sampler, seed=settings.solver.seed, echo=echo)
-    prepared = settings.solver.solver().prepare(curvature)
+    solver = settings.solver.solver()
+    if settings.solver.method == "ekfac":  # fitted factors, reused by later runs and every shard
+        from influence import archive, features, feature_cache
+
+        key = {"model": sorted(loaded.files.values()), "preprocess": loaded.preprocess_name,
+               "inputs": "features" if cache is not None else "images",
+               "archive": archive.content_digest(train.path)}
+        path = feature_cache.cache_path(features.default_cache_dir(train.path, "ekfac"), stem=train.path.stem,
+                                        key={**key, "fit": solver.fit_settings(),
+                                             "variables": [v.path for v in variables]}).with_suffix(".npz")
+        prepared = solver.prepare(curvature, cache_path=path, cache_key=key)
+    else:
+        prepared = solver.prepare(curvature)
     return Engine(model=model, preprocess=preprocess, variables=variables, prepared=prepared,
                   hvp_form=getattr(curvature.hvp_fn, "form", "auto"), features=cache)
 
@@ -126,6 +138,7 @@ class Solved:
     s_test: list  # tensors shaped like the variables
     diagnostics: dict  # the solver's, for this test image
     timings: dict
+    parts: list = field(default_factory=list)  # independent estimates whose mean is s_test (Solution.parts)
 
 
 @dataclass
@@ -164,7 +177,8 @@ def solve(*, item: WorkItem, image: np.ndarray, engine: Engine, settings: Settin
         except ihvp.LissaDivergedError as error:
             raise ItemFailed(str(error)) from error
     timings["solve_s"] = time.perf_counter() - began
-    return Solved(item, image, predicted, test_loss, solution.s_test, solution.diagnostics, timings)
+    return Solved(item, image, predicted, test_loss, solution.s_test, solution.diagnostics, timings,
+                  parts=list(getattr(solution, "parts", None) or []))
 
 
 def score(group: list[Solved], *, train, subset: LabelSubset, engine: Engine,
@@ -174,13 +188,20 @@ def score(group: list[Solved], *, train, subset: LabelSubset, engine: Engine,
 
     Returns, per test image, its :class:`Explanation`, or an :class:`ItemFailed` saying why not.
     """
-    from influence import scores
+    from influence import scores, solvers
 
     began = time.perf_counter()
-    s_tests = [solved.s_test for solved in group]
-    scored_indices, scored = [], []  # scored: (m, batch) blocks
+    # A test image solved as independent chains (Solution.parts, s_test their mean) is scored
+    # with each chain's estimate: scores are linear in s_test, so their mean is s_test's scores,
+    # and the two halves' top-k agreement says how stable the ranking is, at no extra solve.
+    tangents, rows_of = [], []
+    for solved in group:
+        parts = solved.parts if len(solved.parts) >= 2 else [solved.s_test]
+        rows_of.append(range(len(tangents), len(tangents) + len(parts)))
+        tangents.extend(parts)
+    stacked = scores.stack_s_tests(tangents, engine.variables)
+    scored_indices, scored = [], []  # scored: (tangents, batch) blocks
     batch_size = settings.scoring.score_batch_size
-    stacked = scores.stack_s_tests(s_tests, engine.variables)
     if engine.features is not None:  # the head on cached features
         blocks = engine.features.blocks(subset.indices, batch_size)
     else:
@@ -193,17 +214,22 @@ def score(group: list[Solved], *, train, subset: LabelSubset, engine: Engine,
             scored.append(np.asarray(block, dtype=np.float64))
             bar.update(len(indices) * len(group))
     indices = np.concatenate(scored_indices)
-    all_scores = np.concatenate(scored, axis=1)  # (m, k)
+    all_scores = np.concatenate(scored, axis=1)  # (tangents, k)
     seconds = (time.perf_counter() - began) / len(group)
     explained = []
-    for solved, row in zip(group, all_scores):
+    for solved, rows in zip(group, rows_of):
+        halves = all_scores[list(rows)]
+        row = halves.mean(axis=0)
         if not np.all(np.isfinite(row)):
             explained.append(ItemFailed(
                 f"{np.sum(~np.isfinite(row))} of {len(row)} influence scores are not finite; "
                 f"the solver did not converge: raise --scale or --damping"))
             continue
+        diagnostics = dict(solved.diagnostics)
+        if len(halves) >= 2:
+            diagnostics["stability"] = solvers.stability(halves[0], halves[1], k=settings.presentation.top)
         explained.append(Explanation(solved.image, solved.predicted, solved.test_loss, indices, row,
-                                     solved.diagnostics, {**solved.timings, "scoring_s": seconds}))
+                                     diagnostics, {**solved.timings, "scoring_s": seconds}))
     return explained
 
 

@@ -299,14 +299,14 @@ def model_identity(model: keras.Model) -> str:
     return "weights-sha256:" + digest.hexdigest()
 
 
-def default_cache_dir(archive_path: str | os.PathLike) -> Path:
-    """``feature-cache/`` beside the archive (where every run and shard on it looks), or, if that
-    folder cannot be written, ``$XDG_CACHE_HOME/influence/features``."""
-    beside = Path(archive_path).absolute().parent / "feature-cache"
+def default_cache_dir(archive_path: str | os.PathLike, kind: str = "features") -> Path:
+    """``<kind>-cache/`` beside the archive (where every run and shard on it looks), or, if that
+    folder cannot be written, ``$XDG_CACHE_HOME/influence/<kind>``."""
+    beside = Path(archive_path).absolute().parent / ("feature-cache" if kind == "features" else f"{kind}-cache")
     existing = beside if beside.exists() else beside.parent
     if os.access(existing, os.W_OK | os.X_OK):
         return beside
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "influence" / "features"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "influence" / kind
 
 
 def feature_key(*, model: str | list, cut: Cut, preprocess: str, archive_digest: str, images: str,

@@ -34,6 +34,7 @@ class Summary:
     planned: int = 0
     output_dir: Path = field(default_factory=Path)
     failed: list[tuple[plan.WorkItem, str]] = field(default_factory=list)  # (item, reason)
+    diagnostics: list[dict] = field(default_factory=list)  # the solver's, per computed test image
 
 
 def versions() -> dict:
@@ -141,6 +142,7 @@ def calculate(
                        engine=engine, loaded=loaded, settings=settings, fingerprint=fingerprint, names=names,
                        echo=echo)
                 summary.computed += 1
+                summary.diagnostics.append(explanation.diagnostics)
 
         # The consolidated store and the pages (influence.store, influence.pages).
         from influence import store
@@ -152,6 +154,11 @@ def calculate(
         f"{summary.skipped} already complete, of {summary.planned} in this shard "
         f"({time.perf_counter() - started:.0f} s) -> {output_dir}"
     )
+    if summary.diagnostics:
+        from influence import solvers
+
+        _, advice = solvers.run_summary(summary.diagnostics)
+        echo(f"Trust: {advice}")
     if summary.failed:
         echo(f"{len(summary.failed)} test images failed; their records say why, and a rerun of the same "
              f"command retries them (and only them):")
@@ -239,9 +246,11 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
     }
     top = len(harmful)
     harmful_rows, useful_rows = rows(harmful), rows(useful)
+    trust = _trust(explanation.diagnostics)
     results.write_item(
         files,
-        heading=f"Top {top} {{kind}} training images for {item.folder} label {item.label}, test image #{item.number}",
+        heading=f"Top {top} {{kind}} training images for {item.folder} label {item.label}, test image #{item.number}"
+        + (f"\n{trust.upper()}" if trust.startswith("unstable") or "not converged" in trust else ""),
         test_panel=test_panel, harmful=harmful_rows, useful=useful_rows,
         score_table={str(i): float(s) for i, s in zip(ids, explanation.scores)},
         record={**record, "timings": {name: round(seconds, 4) for name, seconds in explanation.timings.items()}},
@@ -249,3 +258,21 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
     echo(f"Top {top} harmful -> {files.harmful}")
     echo(f"Top {top} useful -> {files.useful}")
     echo(f"All influences dict -> {files.scores}")
+    if trust:
+        echo(f"Trust: {trust}")
+
+
+def _trust(diagnostics: dict) -> str:
+    """One line on how far to trust a test image's answer: converged, and how stable its top-k is
+    between the two independent halves of the work; empty where the solver says neither."""
+    words = []
+    stability = diagnostics.get("stability")
+    if stability:
+        k = stability["k"]
+        words.append(f"{'stable' if stability['stable'] else 'unstable'} top-{k} (the two halves share "
+                     f"{stability['harmful_shared']}/{k} harmful, {stability['useful_shared']}/{k} useful)")
+    if diagnostics.get("converged") is False:
+        words.append("not converged")
+    if diagnostics.get("well_posed") is False:
+        words.append("H + damping I indefinite")
+    return ", ".join(words)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from influence.errors import UserError
 
-METHODS = ("lissa", "cg", "exact")
+METHODS = ("lissa", "cg", "ekfac", "exact")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,12 @@ class SolverSettings:
             return solvers.ConjugateGradientSolver(damping=self.damping)
         if self.method == "exact":
             return solvers.ExactSolver(damping=self.damping)
+        if self.method == "ekfac":
+            from influence import ekfac
+
+            if self.damping == "auto":  # EK-FAC's curvature is positive semi-definite: a relative damping
+                return ekfac.EkfacSolver()
+            return ekfac.EkfacSolver(damping=float(self.damping), damping_mode="absolute")
         return solvers.LissaSolver(depth=self.depth, damping=self.damping, scale=self.scale, repeat=self.repeat,
                                    average=self.average, sampling=self.sampling)
 

@@ -97,6 +97,9 @@ AUTO = "auto"
 AUTO_DAMPING_FACTOR = 1.5
 AUTO_DAMPING_FLOOR = 0.01
 DEFAULT_CURVATURE_SAMPLE = 4096  # examples in the fixed sample that Lanczos runs on (all, up to this)
+# ... and at most what this many test images' LiSSA products cost: on VGG16 with every weight a
+# product of 4,096 examples takes over an hour on 2 cores, so the sample follows the solve's cost.
+CURVATURE_BUDGET_TEST_IMAGES = 20
 DEFAULT_LANCZOS_ITERATIONS = 30
 # A solve is "converged" when ||h_j|| moved less than this between the last two quarters
 # of its chains (relative, window_drift): a series still growing or shrinking is not at its
@@ -181,9 +184,17 @@ class LissaSolver:
     repeat: int = 2
     average: float = 0.5
     sampling: str = "curvature"
-    curvature_sample: int = DEFAULT_CURVATURE_SAMPLE
+    curvature_sample: int | None = None  # None: auto_curvature_sample()
     lanczos_iterations: int = DEFAULT_LANCZOS_ITERATIONS
     name: str = "lissa"
+
+    def auto_curvature_sample(self, batch_size: int) -> int:
+        """The Lanczos sample when none is given: every example up to ``DEFAULT_CURVATURE_SAMPLE``,
+        and at most the examples that ``CURVATURE_BUDGET_TEST_IMAGES`` test images' chains touch
+        (``depth * repeat * batch_size`` each) spread over the ``lanczos_iterations`` products.
+        With the defaults: 20 x 50 x 2 x 8 / 30 = 533 examples (docs/lissa.md)."""
+        budget = CURVATURE_BUDGET_TEST_IMAGES * self.depth * self.repeat * batch_size // self.lanczos_iterations
+        return int(min(DEFAULT_CURVATURE_SAMPLE, max(batch_size, budget)))
 
     def settings(self) -> dict:
         return {"method": self.name, "depth": self.depth, "damping": self.damping, "scale": self.scale,
@@ -205,7 +216,8 @@ class LissaSolver:
             curvature.model, curvature.variables, sampler)
 
         echo("Curvature of the training Hessian (Lanczos)...", end="")
-        estimate = estimate_curvature(curvature, sample=self.curvature_sample, iterations=self.lanczos_iterations)
+        sample = self.curvature_sample or self.auto_curvature_sample(curvature.sampler.batch_size)
+        estimate = estimate_curvature(curvature, sample=sample, iterations=self.lanczos_iterations)
         echo(f" eigenvalues from {estimate.lambda_min:.4g} to {estimate.lambda_max:.4g} "
              f"({estimate.sample} examples, {estimate.seconds:.1f} s)")
         damping = resolve_damping(self.damping, estimate, echo=echo)

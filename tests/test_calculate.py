@@ -396,3 +396,40 @@ def test_feature_cache_gives_the_whole_models_scores_and_is_reused(workspace, tm
     again = calculate(workspace, tmp_path / "again", *top)  # auto: the same cut, the cache reused
     assert again.returncode == 0, again.stderr
     assert "(reused)" in again.stdout and "(built in" not in again.stdout
+
+
+def test_ekfac_method_fits_once_per_archive_and_records_its_damping(workspace, tmp_path):
+    first = calculate(workspace, tmp_path / "a", "--method", "ekfac", "--folders", "noisy")
+    assert first.returncode == 0, first.stderr
+    assert "EK-FAC factors written to" in first.stdout
+    record = json.loads((tmp_path / "a" / "noisy" / "2" / "1.json").read_text())
+    assert record["solver"]["method"] == "ekfac" and record["settings"]["solver"]["method"] == "ekfac"
+    assert record["solver"]["effective_damping"] > 0
+    scores = np.load(tmp_path / "a" / "noisy" / "2" / "1.npy", allow_pickle=True).item()
+    assert all(np.isfinite(list(scores.values()))) and len(set(scores.values())) > 1
+    # Another output tree on the same archive and model: the factor file is reused, same scores.
+    second = calculate(workspace, tmp_path / "b", "--method", "ekfac", "--folders", "noisy")
+    assert second.returncode == 0, second.stderr
+    assert "EK-FAC factors reused from" in second.stdout
+    assert np.load(tmp_path / "b" / "noisy" / "2" / "1.npy", allow_pickle=True).item() == scores
+
+
+def test_every_record_says_how_far_to_trust_its_top_five(full_run):
+    output_dir, result = full_run
+    for folder, label, n in EXPECTED_ITEMS:
+        solver = json.loads((output_dir / folder / str(label) / f"{n}.json").read_text())["solver"]
+        stability = solver["stability"]  # two chains by default: their scores' top-5 agreement
+        assert stability["k"] == 5 and 0 <= stability["harmful_shared"] <= 5 and 0 <= stability["useful_shared"] <= 5
+        assert stability["stable"] == (stability["harmful_shared"] >= 4 and stability["useful_shared"] >= 4)
+        assert isinstance(solver["converged"], bool) and isinstance(solver["well_posed"], bool)
+    assert result.stdout.count("Trust: ") == len(EXPECTED_ITEMS) + 1  # one per image and the run's summary
+
+
+def test_an_unstable_or_unconverged_answer_is_flagged():
+    from influence import job
+
+    unstable = {"stability": {"k": 5, "harmful_shared": 2, "useful_shared": 5, "stable": False}, "converged": True}
+    assert job._trust(unstable).startswith("unstable top-5 (the two halves share 2/5 harmful, 5/5 useful)")
+    assert "not converged" in job._trust({"converged": False})
+    assert job._trust({"stability": {"k": 5, "harmful_shared": 5, "useful_shared": 4, "stable": True},
+                       "converged": True, "well_posed": True}).startswith("stable top-5")
