@@ -4,7 +4,7 @@
 Reads train.npz and test.npz (from prepare_data.py), loads the classifier (VGG16 by
 default), and for each test folder, label and test image writes, under
 calc_output/<folder>/<label>/, harmful_<n>.<fmt>, useful_<n>.<fmt>, <n>.npy and <n>.json.
-See the README for the sign convention and how to pick depth, scale and damping.
+See the README for the sign convention, docs/method.md for how to pick depth, scale and damping.
 """
 
 from __future__ import annotations

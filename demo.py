@@ -4,7 +4,7 @@
     python demo.py                 # everything under demo/
     python demo.py --out /tmp/d    # elsewhere; --help lists the size options
 
-See influence/demo.py for what it does, step by step.
+The demo itself lives in examples/digits/ (see its __init__.py for the steps).
 """
 
 import sys
@@ -13,6 +13,6 @@ from influence import cli
 
 if __name__ == "__main__":
     cli.quiet_tensorflow()
-    from influence.demo import main
+    from examples.digits.run import main
 
     sys.exit(cli.run(main))

@@ -3,7 +3,7 @@
 
     python prepare_data.py -tr train -ts orig wb texture styled -bs 150
 
-See the README section "prepare_data.py" for the folder layout, labels and the archive format.
+See docs/scripts.md for the folder layout and labels, docs/formats.md for the archive format.
 """
 
 from __future__ import annotations

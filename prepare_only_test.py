@@ -4,7 +4,7 @@
     python prepare_only_test.py -ts orig wb texture styled
 
 Class folders are resolved with the classes of train.npz in the output directory
-when it exists. See the README section "prepare_only_test.py".
+when it exists. See docs/scripts.md, "prepare_only_test.py".
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ one table per model (no assertions):
 
     python benchmarks/bench_engine.py            # both models, about 6 minutes on 2 CPU cores
     python benchmarks/bench_engine.py --quick    # small CNN only, seconds
-    python benchmarks/bench_engine.py --rounds 5 --memory   # the README table
+    python benchmarks/bench_engine.py --rounds 5 --memory   # the table in docs/benchmarks.md
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ An archive is an *uncompressed* ``.npz`` (a zip of ``.npy`` members, stored
 with ZIP64 headers), written member by member so that the writer holds one
 batch at a time, and read by computing each member's byte offset so that the
 reader fetches only the images it is asked for. ``np.load`` still opens it for
-inspection. The README's "Archive format" section documents the layout.
+inspection. docs/formats.md documents the layout.
 
 Train archive (``kind: "train"``)::
 

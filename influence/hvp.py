@@ -33,7 +33,7 @@ from influence.errors import UserError
 FORWARD_OVER_BACKWARD = "forward_over_backward"
 SUMMED_GRADIENT = "summed_gradient"
 FORMS = (FORWARD_OVER_BACKWARD, SUMMED_GRADIENT)
-# benchmarks/bench_engine.py (README, bench): on VGG16 both forms take the same time (within
+# benchmarks/bench_engine.py (docs/benchmarks.md): on VGG16 both forms take the same time (within
 # 1%) and forward-over-backward peaks 0.4-1 GiB lower with all weights; on a small CNN the
 # summed gradient is up to 10% faster, but there a product takes milliseconds.
 AUTO_FORM = FORWARD_OVER_BACKWARD

@@ -15,8 +15,14 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from influence import demo
+from examples.digits import data as demo_data
+from examples.digits import report as demo_report
+from examples.digits import run as demo_run
+from examples.digits import settings as demo_settings
+from examples.digits import train as demo_train
+from influence import results
 from influence.errors import UserError
+from influence.figures import Panel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,37 +37,37 @@ def digit_index(train_id: str) -> int:
 
 def test_split_is_class_balanced_and_disjoint():
     labels = load_digits().target
-    train, test = demo.split_scans(labels, train_per_class=20, test_per_class=3, seed=0)
+    train, test = demo_data.split_scans(labels, train_per_class=20, test_per_class=3, seed=0)
     assert np.bincount(labels[train], minlength=10).tolist() == [20] * 10
     assert np.bincount(labels[test], minlength=10).tolist() == [3] * 10
     assert not set(train) & set(test)
-    everything, held_out = demo.split_scans(labels, train_per_class=None, test_per_class=5, seed=0)
+    everything, held_out = demo_data.split_scans(labels, train_per_class=None, test_per_class=5, seed=0)
     assert len(everything) == len(labels) - 50 and not set(everything) & set(held_out)
     with pytest.raises(UserError, match="digit 8 has 174 scans"):
-        demo.split_scans(labels, train_per_class=170, test_per_class=5, seed=0)
+        demo_data.split_scans(labels, train_per_class=170, test_per_class=5, seed=0)
 
 
 def test_planted_label_errors_are_wrong_and_only_where_recorded():
     true = np.repeat(np.arange(10), 30)
-    given, flipped = demo.plant_label_errors(true, flip_fraction=0.05, seed=3)
+    given, flipped = demo_data.plant_label_errors(true, flip_fraction=0.05, seed=3)
     assert len(flipped) == 15 == len(set(flipped.tolist()))
     assert np.all(given[flipped] != true[flipped])
     unflipped = np.setdiff1d(np.arange(len(true)), flipped)
     assert np.array_equal(given[unflipped], true[unflipped])
-    again, flipped_again = demo.plant_label_errors(true, flip_fraction=0.05, seed=3)
+    again, flipped_again = demo_data.plant_label_errors(true, flip_fraction=0.05, seed=3)
     assert np.array_equal(again, given) and np.array_equal(flipped_again, flipped)
-    other, _ = demo.plant_label_errors(true, flip_fraction=0.05, seed=4)
+    other, _ = demo_data.plant_label_errors(true, flip_fraction=0.05, seed=4)
     assert not np.array_equal(other, given)
 
 
 def test_written_folders_hold_the_scans_and_the_recorded_label_errors(tmp_path):
-    settings = demo.DemoSettings(train_per_class=12, test_per_class=2, flip_fraction=0.1, image_size=16)
-    record = demo.write_demo_data(tmp_path, settings)
+    settings = demo_settings.DemoSettings(train_per_class=12, test_per_class=2, flip_fraction=0.1, image_size=16)
+    record = demo_data.write_demo_data(tmp_path, settings)
     data = tmp_path / "data"
     assert sorted(p.name for p in data.iterdir()) == ["noisy", "orig", "train"]
     targets = load_digits().target
 
-    train_ids = demo.folder_ids(data / "train")
+    train_ids = demo_data.folder_ids(data / "train")
     assert record["n_train"] == len(train_ids) == 120
     assert record["n_flipped"] == len(record["flipped"]) == 12
     flipped = {entry["id"]: entry for entry in record["flipped"]}
@@ -75,13 +81,13 @@ def test_written_folders_hold_the_scans_and_the_recorded_label_errors(tmp_path):
             assert folder_label == true_label
 
     for folder in ("orig", "noisy"):
-        ids = demo.folder_ids(data / folder)
+        ids = demo_data.folder_ids(data / folder)
         assert len(ids) == 20
         assert all(int(i.split("/")[0]) == targets[digit_index(i)] for i in ids)
-    assert demo.folder_ids(data / "orig") == demo.folder_ids(data / "noisy")
-    assert not {digit_index(i) for i in demo.folder_ids(data / "orig")} & {digit_index(i) for i in train_ids}
+    assert demo_data.folder_ids(data / "orig") == demo_data.folder_ids(data / "noisy")
+    assert not {digit_index(i) for i in demo_data.folder_ids(data / "orig")} & {digit_index(i) for i in train_ids}
 
-    some_id = demo.folder_ids(data / "orig")[0]
+    some_id = demo_data.folder_ids(data / "orig")[0]
     clean = np.asarray(Image.open(data / "orig" / some_id), dtype=np.float64)  # (16, 16) grey
     noisy = np.asarray(Image.open(data / "noisy" / some_id), dtype=np.float64)
     assert clean.shape == (16, 16)
@@ -93,8 +99,8 @@ def test_written_folders_hold_the_scans_and_the_recorded_label_errors(tmp_path):
 
     # Writing again gives the same files: re-runs are reproducible.
     before = {i: (data / "train" / i).read_bytes() for i in train_ids}
-    assert demo.write_demo_data(tmp_path, settings) == record
-    assert {i: (data / "train" / i).read_bytes() for i in demo.folder_ids(data / "train")} == before
+    assert demo_data.write_demo_data(tmp_path, settings) == record
+    assert {i: (data / "train" / i).read_bytes() for i in demo_data.folder_ids(data / "train")} == before
 
 
 # -- classifier ---------------------------------------------------------------------------
@@ -103,11 +109,11 @@ def test_written_folders_hold_the_scans_and_the_recorded_label_errors(tmp_path):
 def test_classifier_trains_deterministically_and_saves_a_regularised_softmax_model(tmp_path):
     import keras
 
-    settings = demo.DemoSettings(train_per_class=25, test_per_class=2, flip_fraction=0.04, image_size=8)
-    demo.write_demo_data(tmp_path, settings)
+    settings = demo_settings.DemoSettings(train_per_class=25, test_per_class=2, flip_fraction=0.04, image_size=8)
+    demo_data.write_demo_data(tmp_path, settings)
     train_dir = tmp_path / "data" / "train"
-    first = demo.train_classifier(train_dir, tmp_path / "a.keras", epochs=15, seed=1)
-    demo.train_classifier(train_dir, tmp_path / "b.keras", epochs=15, seed=1)
+    first = demo_train.train_classifier(train_dir, tmp_path / "a.keras", epochs=15, seed=1)
+    demo_train.train_classifier(train_dir, tmp_path / "b.keras", epochs=15, seed=1)
     assert first["train_accuracy_on_given_labels"] > 0.8
 
     from tensorflow.python.framework import config
@@ -119,17 +125,38 @@ def test_classifier_trains_deterministically_and_saves_a_regularised_softmax_mod
     assert model.input_shape == (None, 8, 8, 3)
     assert len(model.losses) == 3  # the L2 penalty of each weighted layer, part of the objective
 
-    _, images, labels = demo.read_folder_images(tmp_path / "data" / "orig")
+    _, images, labels = demo_data.read_folder_images(tmp_path / "data" / "orig")
     probabilities = np.asarray(model(images / 255.0))  # (20, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     assert np.mean(probabilities.argmax(axis=1) == labels) >= 0.7
+
+
+def test_model_file_is_replaced_only_by_a_complete_save(tmp_path, monkeypatch):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    path = tmp_path / "model.keras"
+    demo_train.save_model(model, path)
+    for weights, saved in zip(model.get_weights(), keras.models.load_model(path).get_weights()):
+        np.testing.assert_array_equal(weights, saved)
+    before = path.read_bytes()
+
+    def copy_half_then_fail(source, target):
+        Path(target).write_bytes(Path(source).read_bytes()[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(demo_train.shutil, "copyfile", copy_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        demo_train.save_model(model, path)
+    assert path.read_bytes() == before  # the previous model stays whole
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]  # no temporary left behind
 
 
 # -- report -------------------------------------------------------------------------------
 
 
 def test_hypergeometric_pmf_and_tail_match_enumeration():
-    pmf = demo.hypergeometric_pmf(draws=3, population=10, marked=4)
+    pmf = demo_report.hypergeometric_pmf(draws=3, population=10, marked=4)
     assert pmf.sum() == pytest.approx(1.0)
     assert (np.arange(4) * pmf).sum() == pytest.approx(3 * 4 / 10)
     # Two test images, each drawing 3 of 10 items of which 4 are marked: enumerate all draws.
@@ -139,15 +166,22 @@ def test_hypergeometric_pmf_and_tail_match_enumeration():
     counts = [sum(i < 4 for i in a) + sum(i < 4 for i in b) for a, b in product(draws, draws)]
     for found in range(7):
         expected = np.mean([count >= found for count in counts])
-        assert demo.random_pick_tail(found=found, images=2, draws=3, population=10, marked=4) == pytest.approx(expected)
+        assert demo_report.random_pick_tail(found=found, images=2, draws=3, population=10, marked=4) == pytest.approx(expected)
 
 
-def write_fake_result(directory: Path, n: int, *, test_id: str, label: int, predicted: int, scores: dict) -> None:
-    """One test image's outputs in calculate.py's layout (see calculate_spec)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    np.save(directory / f"{n}.npy", np.array(scores, dtype=object), allow_pickle=True)
-    (directory / f"{n}.json").write_text(
-        json.dumps({"test_id": test_id, "folder": directory.parent.name, "label": label, "predicted": predicted, "test_loss": 1.0})
+def write_fake_result(calc: Path, folder: str, n: int, *, test_id: str, label: int, predicted: int, scores: dict) -> None:
+    """One test image's outputs, written as calculate.py writes them (through influence.results)."""
+    pixels = np.zeros((4, 4, 3), dtype=np.uint8)
+    ranked = sorted(scores, key=scores.get)
+    row = lambda train_id: results.TrainingRow(image=pixels, id=train_id, label=int(train_id[0]), score=scores[train_id])  # noqa: E731
+    results.write_item(
+        results.item_files(calc, folder, label, n, "png"),
+        heading="top {kind}",
+        test_panel=Panel(pixels, test_id),
+        harmful=[row(i) for i in ranked[:2]],
+        useful=[row(i) for i in ranked[::-1][:2]],
+        score_table=scores,
+        record={"test_id": test_id, "folder": folder, "label": label, "number": n, "predicted": predicted, "test_loss": 1.0},
     )
 
 
@@ -163,20 +197,20 @@ def fake_run(tmp_path: Path, *, all_labels: bool = True):
     base = {train_id: float(i) for i, train_id in enumerate(train_ids)}  # ascending: first ids most harmful
     # orig/0/1: a 0 taken for a 1; a flipped image is the most harmful, the other 4th.
     misread = dict(base, **{"1/digit_0013.png": -5.0, "0/digit_0007.png": 2.5})
-    write_fake_result(calc / "orig" / "0", 1, test_id="0/digit_0100.png", label=0, predicted=1, scores=misread)
+    write_fake_result(calc, "orig", 1, test_id="0/digit_0100.png", label=0, predicted=1, scores=misread)
     # orig/1/1: correct; no flipped image in its top 3.
-    write_fake_result(calc / "orig" / "1", 1, test_id="1/digit_0101.png", label=1, predicted=1, scores=base)
+    write_fake_result(calc, "orig", 1, test_id="1/digit_0101.png", label=1, predicted=1, scores=base)
     # noisy/1/1: a 1 taken for a 0; one flipped image ranked 2nd.
     noisy = dict(base, **{"0/digit_0007.png": 0.5})
     if not all_labels:
         noisy = {k: v for k, v in noisy.items() if k.startswith("1/")}
-    write_fake_result(calc / "noisy" / "1", 1, test_id="1/digit_0101.png", label=1, predicted=0, scores=noisy)
+    write_fake_result(calc, "noisy", 1, test_id="1/digit_0101.png", label=1, predicted=0, scores=noisy)
     return calc, flipped_record, train_ids
 
 
 def test_report_counts_flipped_images_among_the_top_harmful(tmp_path):
     calc, flipped_record, train_ids = fake_run(tmp_path)
-    report = demo.build_report(
+    report = demo_report.build_report(
         calc_dir=calc, flipped_record=flipped_record, train_ids=train_ids, test_counts={"orig": 2, "noisy": 1}, top=3
     )
     assert report["n_train"] == 20 and report["n_flipped"] == 2 and report["top"] == 3
@@ -196,14 +230,14 @@ def test_report_counts_flipped_images_among_the_top_harmful(tmp_path):
         "harmful": {"flipped_found": 2, "distinct_flipped_found": 2, "shows_test_digit": 2, "teaches_prediction": 2, "either": 2},
         "useful": {"flipped_found": 0, "distinct_flipped_found": 0, "shows_test_digit": 0, "teaches_prediction": 0, "either": 0},
         "random_expected": pytest.approx(6 * 2 / 20),
-        "random_p_value": pytest.approx(demo.random_pick_tail(found=2, images=2, draws=3, population=20, marked=2)),
+        "random_p_value": pytest.approx(demo_report.random_pick_tail(found=2, images=2, draws=3, population=20, marked=2)),
     }
     # orig/1/1 (correct) has no label error at either end, so the totals over all images stay 2 and 0.
     assert report["all_test_images"]["test_images"] == 3
     assert report["all_test_images"]["harmful"]["flipped_found"] == 2
     assert report["examples"]["orig"]["test_id"] == "0/digit_0100.png"
     assert report["examples"]["noisy"]["test_id"] == "1/digit_0101.png"
-    text = demo.format_report(report, out_dir=tmp_path, calc_dir=calc)
+    text = demo_report.format_report(report, out_dir=tmp_path, calc_dir=calc)
     assert "label errors: 2 (2 distinct); a random pick finds 0.6 on average" in text
     assert "#1 1/digit_0013.png (digit 0)" in text
 
@@ -211,16 +245,16 @@ def test_report_counts_flipped_images_among_the_top_harmful(tmp_path):
 def test_report_refuses_incomplete_or_label_only_results(tmp_path):
     calc, flipped_record, train_ids = fake_run(tmp_path / "partial")
     with pytest.raises(UserError, match="results for 1 test images, expected 2"):
-        demo.build_report(calc_dir=calc, flipped_record=flipped_record, train_ids=train_ids, test_counts={"noisy": 2}, top=3)
+        demo_report.build_report(calc_dir=calc, flipped_record=flipped_record, train_ids=train_ids, test_counts={"noisy": 2}, top=3)
     calc, flipped_record, train_ids = fake_run(tmp_path / "label_only", all_labels=False)
     with pytest.raises(UserError, match="--all-labels"):
-        demo.build_report(calc_dir=calc, flipped_record=flipped_record, train_ids=train_ids, test_counts={"noisy": 1}, top=3)
+        demo_report.build_report(calc_dir=calc, flipped_record=flipped_record, train_ids=train_ids, test_counts={"noisy": 1}, top=3)
 
 
 # -- re-runs and bad input ----------------------------------------------------------------
 
 
-def fill_demo_dir(out: Path, settings: demo.DemoSettings | None, *, complete: bool = True) -> None:
+def fill_demo_dir(out: Path, settings: demo_settings.DemoSettings | None, *, complete: bool = True) -> None:
     """What a demo run leaves in ``out`` (placeholders), plus the user's own notes.txt."""
     for name in ("data/train", "calc_output/orig"):
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -228,31 +262,31 @@ def fill_demo_dir(out: Path, settings: demo.DemoSettings | None, *, complete: bo
         (out / name).write_text("x")
     if settings is not None:
         recorded = {**dataclasses.asdict(settings), "complete": complete, "training": {"epochs": 3}}
-        (out / demo.SETTINGS_FILE).write_text(json.dumps(recorded))
+        (out / demo_settings.SETTINGS_FILE).write_text(json.dumps(recorded))
 
 
 def test_rerun_reuses_matching_settings_and_clears_only_the_demos_files(tmp_path):
-    settings = demo.DemoSettings(train_per_class=5, test_per_class=1)
-    assert demo.reuse_or_clear(tmp_path / "new", settings, fresh=False) is False
+    settings = demo_settings.DemoSettings(train_per_class=5, test_per_class=1)
+    assert demo_run.reuse_or_clear(tmp_path / "new", settings, fresh=False) is False
 
     # Without the demo's settings file, these files are someone else's: refuse, delete nothing.
     fill_demo_dir(tmp_path, None)
     with pytest.raises(UserError, match="already holds data, model.keras, flipped.json, calc_output, train.npz"):
-        demo.reuse_or_clear(tmp_path, settings, fresh=False)
+        demo_run.reuse_or_clear(tmp_path, settings, fresh=False)
     assert (tmp_path / "train.npz").exists() and (tmp_path / "calc_output" / "orig").is_dir()
 
     fill_demo_dir(tmp_path, settings)
-    assert demo.reuse_or_clear(tmp_path, settings, fresh=False) is True  # calculate.py resumes in calc_output
+    assert demo_run.reuse_or_clear(tmp_path, settings, fresh=False) is True  # calculate.py resumes in calc_output
     assert (tmp_path / "calc_output" / "orig").is_dir() and (tmp_path / "model.keras").exists()
 
     left = ["notes.txt"]  # after a clear, only the user's own file stays
-    assert demo.reuse_or_clear(tmp_path, demo.DemoSettings(train_per_class=6, test_per_class=1), fresh=False) is False
+    assert demo_run.reuse_or_clear(tmp_path, demo_settings.DemoSettings(train_per_class=6, test_per_class=1), fresh=False) is False
     assert sorted(p.name for p in tmp_path.iterdir()) == left
     fill_demo_dir(tmp_path, settings)
-    assert demo.reuse_or_clear(tmp_path, settings, fresh=True) is False
+    assert demo_run.reuse_or_clear(tmp_path, settings, fresh=True) is False
     assert sorted(p.name for p in tmp_path.iterdir()) == left
     fill_demo_dir(tmp_path, settings, complete=False)  # interrupted before the model was saved
-    assert demo.reuse_or_clear(tmp_path, settings, fresh=False) is False
+    assert demo_run.reuse_or_clear(tmp_path, settings, fresh=False) is False
     assert sorted(p.name for p in tmp_path.iterdir()) == left
 
 
@@ -304,28 +338,28 @@ def test_reduced_demo_runs_the_scripts_and_reports_what_the_scores_show(tmp_path
     report = json.loads((out / "report.json").read_text())
     flipped = {e["id"]: e for e in json.loads((out / "flipped.json").read_text())["flipped"]}
     targets = load_digits().target
-    train_ids = demo.folder_ids(out / "data" / "train")
+    train_ids = demo_data.folder_ids(out / "data" / "train")
     assert report["n_train"] == len(train_ids) == 200 and report["n_flipped"] == len(flipped) == 10
     for train_id, entry in flipped.items():  # each planted error sits in a wrong folder
         assert int(train_id.split("/")[0]) == entry["given_label"] != entry["true_label"] == targets[digit_index(train_id)]
 
-    # Recompute the report from calculate.py's outputs, independently of influence.demo.
+    # Recompute the report from calculate.py's outputs, independently of the demo's report code.
     model = keras.models.load_model(out / "model.keras")
     found = {"harmful": 0, "useful": 0}
     misclassified = 0
     for folder in ("orig", "noisy"):
-        test_ids, images, labels = demo.read_folder_images(out / "data" / folder)
+        test_ids, images, labels = demo_data.read_folder_images(out / "data" / folder)
         predictions = np.asarray(model(images / 255.0)).argmax(axis=1)
-        paths = sorted((out / "calc_output" / folder).glob("*/*.json"))  # <label>/<n>.json
-        records = [json.loads(path.read_text()) for path in paths]
+        records = list(results.iter_folder(out / "calc_output", folder))
         assert sorted(r["test_id"] for r in records) == test_ids  # every test image, once
-        for path, record in zip(paths, records):
+        for record in records:
             row = test_ids.index(record["test_id"])
-            assert record["label"] == labels[row] == int(path.parent.name)
+            assert record["label"] == labels[row]
             assert record["predicted"] == predictions[row]
-            scores = np.load(path.with_suffix(".npy"), allow_pickle=True).item()
+            scores = record["scores"]
             assert sorted(scores) == train_ids  # --all-labels: the whole training set is scored
-            assert path.with_name(f"harmful_{path.stem}.png").read_bytes()[:4] == b"\x89PNG"
+            figure = results.item_files(out / "calc_output", folder, record["label"], record["number"], "png").harmful
+            assert figure.read_bytes()[:4] == b"\x89PNG"
             if record["predicted"] != record["label"]:
                 misclassified += 1
                 ranked = sorted(scores, key=scores.get)
@@ -357,9 +391,15 @@ def test_a_failing_script_stops_the_demo_with_its_status_and_no_report(tmp_path,
     scripts = tmp_path / "checkout"
     scripts.mkdir()
     (scripts / "prepare_data.py").write_text("import sys\nprint('cannot read that')\nsys.exit(3)\n")
-    monkeypatch.setattr(demo, "ROOT", scripts)
+    monkeypatch.setattr(demo_run, "ROOT", scripts)
     out = tmp_path / "out"
-    status = demo.main(["--out", str(out), "--train-per-class", "5", "--test-per-class", "1", "--epochs", "1"])
+    # A run killed while saving its model left a temporary behind: the next run sweeps it up.
+    killed = "from influence.outputs import atomic_path; import os, sys\n" \
+             "with atomic_path(sys.argv[1]) as t:\n    open(t, 'w').write('half'); os._exit(9)\n"
+    subprocess.run([sys.executable, "-c", killed, str(out / "model.keras")], cwd=ROOT, check=False)
+    assert [p.name for p in out.iterdir()][0].startswith(".model.keras.tmp-")
+    status = demo_run.main(["--out", str(out), "--train-per-class", "5", "--test-per-class", "1", "--epochs", "1"])
     assert status == 1
     assert "prepare_data.py exited with status 3" in capsys.readouterr().err
     assert (out / "model.keras").exists() and not (out / "report.json").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
