@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 
 import h5py
 import keras
-import numpy as np
 import tensorflow as tf
 
 from influence import losses

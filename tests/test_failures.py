@@ -108,7 +108,7 @@ def test_a_real_divergence_fails_each_image_through_the_script(workspace, tmp_pa
     result = run_script(
         "calculate.py", "--train", workspace / "train.npz", "--test", workspace / "test.npz",
         "--model", workspace / "model.keras", "--output-dir", output_dir, *ARGS, "--labels", "1",
-        "--scale", "1e-4", "-i", "40",
+        "--scale", "1e-4", "--damping", "0", "-i", "40",
     )
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr

@@ -5,10 +5,10 @@ explicit objective) and np.linalg, never from the code under test."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
+
 
 from engine_models import explicit_hessian, flat, mlp, random_vector, softmax_regression, tabular_data
-from influence import hvp, ihvp, params, sampling, solvers
+from influence import hvp, ihvp, params, solvers
 from influence.sampling import ArraySource, MinibatchSampler
 
 
