@@ -27,28 +27,26 @@ def positive_int(text: str) -> int:
     return value
 
 
-def damping_value(text: str) -> float | str:
+def _auto_or_number(text: str, *, auto, zero_allowed: bool):
+    """``auto`` for the word 'auto', else a finite number > 0 (or >= 0 where ``zero_allowed``)."""
     if text == "auto":
-        return text
+        return auto
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a finite number >= 0")
+    if not (value >= 0 if zero_allowed else value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither 'auto' nor a finite number {'>=' if zero_allowed else '>'} 0")
     return value
+
+
+def damping_value(text: str) -> float | str:
+    return _auto_or_number(text, auto="auto", zero_allowed=True)
 
 
 def scale_value(text: str) -> float | None:
-    if text == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a finite number > 0")
-    return value
+    return _auto_or_number(text, auto=None, zero_allowed=False)
 
 
 def build_parser() -> cli.ArgumentParser:

@@ -86,7 +86,7 @@ def test_vgg16_default_path_end_to_end(tmp_path):
     assert prepared.returncode == 0, prepared.stderr
 
     result = subprocess.run(
-        [sys.executable, str(ROOT / "calculate.py"), "--weights", str(weights), "-i", str(DEPTH), "-b", "4",
+        [sys.executable, str(ROOT / "calculate.py"), "--weights", str(weights), "-i", str(DEPTH), "--repeat", "1", "-b", "4",
          "--score-batch-size", "2", "--scale", str(SCALE), "--damping", str(DAMPING * SCALE), "-sf", "pdf"],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
     )
