@@ -78,6 +78,7 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
         from influence import archive, features, feature_cache
 
         key = {"model": sorted(loaded.files.values()), "preprocess": loaded.preprocess_name,
+               "outputs": losses.output_kind(loaded.model),  # the fit's loss and pseudo-labels depend on it
                "inputs": "features" if cache is not None else "images",
                "archive": archive.content_digest(train.path)}
         path = feature_cache.cache_path(features.default_cache_dir(train.path, "ekfac"), stem=train.path.stem,
@@ -249,7 +250,9 @@ def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, en
     return explanation
 
 
-def group_size(engine: Engine, *, budget_bytes: float = 2 * 2**30, most: int = 16) -> int:
-    """How many test images to score per pass over the training images: as many ``s_test``
-    vectors as fit in ``budget_bytes`` (VGG16 with every weight: 3), at most ``most``."""
-    return int(max(1, min(most, budget_bytes // max(1, 4 * engine.parameters))))
+def group_size(engine: Engine, settings: Settings, *, budget_bytes: float = 2 * 2**30, most: int = 16) -> int:
+    """How many test images to score per pass over the training images: as many as fit their
+    scoring vectors in ``budget_bytes`` (one per LiSSA chain, else one ``s_test``; VGG16 with
+    every weight and two chains: 1), at most ``most``."""
+    per_image = settings.solver.repeat if settings.solver.method == "lissa" else 1
+    return int(max(1, min(most, budget_bytes // max(1, 4 * engine.parameters * per_image))))

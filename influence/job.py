@@ -139,7 +139,7 @@ def calculate(
         failing = dict(output_dir=output_dir, test_sets=test_sets, engine=engine, settings=settings,
                        fingerprint=fingerprint, identity=identity, names=names, summary=summary, echo=echo)
         subset = None
-        for group in _groups(todo, settings, explain.group_size(engine) if todo else 1):
+        for group in _groups(todo, settings, explain.group_size(engine, settings) if todo else 1):
             held = _claim_group(group, output_dir=output_dir, save_format=save_format, fingerprint=fingerprint,
                                 identity=identity, overwrite=overwrite, summary=summary, echo=echo)
             try:
@@ -228,23 +228,27 @@ def _claim_group(group, *, output_dir, save_format, fingerprint, identity, overw
     """{item: claim} for the items of ``group`` this process may compute (:mod:`influence.claims`):
     not claimed by another process, and not completed by one since the plan was made."""
     held = {}
-    with _writing(output_dir):
-        claims.check_tree(output_dir, fingerprint)
-        for item in group:
-            files = item.files(output_dir, save_format)
-            claim, holder = claims.claim_item(files.record)
-            if claim is None:
-                echo(f"Test image #{item.number} of {item.folder}/{item.label} is being computed by "
-                     f"{claims.describe(holder)}; skipping it")
-                summary.elsewhere += 1
-                continue
-            record = results.read_record(files)
-            if (not overwrite and record is not None and record.get("identity") == identity(item)
-                    and not results.is_failure(record) and results.results_present(files)):
-                claim.release()
-                summary.skipped += 1
-                continue
-            held[item] = claim
+    try:
+        with _writing(output_dir):
+            claims.check_tree(output_dir, fingerprint)
+            for item in group:
+                files = item.files(output_dir, save_format)
+                claim, holder = claims.claim_item(files.record)
+                if claim is None:
+                    echo(f"Test image #{item.number} of {item.folder}/{item.label} is being computed by "
+                         f"{claims.describe(holder)}; skipping it")
+                    summary.elsewhere += 1
+                    continue
+                held[item] = claim
+                record = results.read_record(files)
+                if (not overwrite and record is not None and record.get("identity") == identity(item)
+                        and not results.is_failure(record) and results.results_present(files)):
+                    held.pop(item).release()
+                    summary.skipped += 1
+    except BaseException:  # a write error or a signal while claiming: give back what this group took
+        for claim in held.values():
+            claim.release()
+        raise
     return held
 
 
