@@ -2,12 +2,16 @@
 
 :func:`prepare_engine` does, once per run, what every test image shares: the parameters,
 the training-minibatch sampler and the prepared solver (LiSSA's scale, say).
-:func:`explain` then computes, for one test image,
+:func:`solve` then computes, for one test image,
 
 1. ``v = grad L(z_test)`` (no regularisers);
 2. ``s_test = (H + lambda I)^-1 v`` with the prepared solver, its random draws keyed by the item;
+
+and :func:`score`, for a group of test images that share their training images,
+
 3. ``score(z) = s_test . grad L(z)`` for every training image of the label (or of the whole
-   set with ``all_labels``), in batches (:func:`influence.scores.influence_scores`).
+   set with ``all_labels``), each batch read and preprocessed once for the whole group
+   (:func:`influence.scores.influence_scores_many`).
 
 When only top layers are selected and a cut exists below them (``--feature-cache auto|on``,
 :mod:`influence.features`), the engine's model is the head above the cut, its input the
@@ -238,16 +242,6 @@ def score(group: list[Solved], *, train, subset: LabelSubset, engine: Engine,
                                      diagnostics, {**solved.timings, "scoring_s": seconds},
                                      solved.gradient_norm))
     return explained
-
-
-def explain(*, item: WorkItem, image: np.ndarray, train, subset: LabelSubset, engine: Engine,
-            settings: Settings) -> Explanation:
-    """Test gradient, ``s_test`` and the scores of the subset's training images for one test image."""
-    (explanation,) = score([solve(item=item, image=image, engine=engine, settings=settings)],
-                           train=train, subset=subset, engine=engine, settings=settings)
-    if isinstance(explanation, ItemFailed):
-        raise explanation
-    return explanation
 
 
 def group_size(engine: Engine, settings: Settings, *, budget_bytes: float = 2 * 2**30, most: int = 16) -> int:

@@ -4,8 +4,10 @@
 2. load the classifier and check it against the archives;
 3. plan the work (:mod:`influence.plan`) and skip what a previous run completed;
 4. prepare the engine once (:func:`influence.explain.prepare_engine`);
-5. for each test image: explain it (:func:`influence.explain.explain`) and write its figures,
-   score table and record (:mod:`influence.results`), the record last.
+5. for each group of test images that score the same training images: solve each one's
+   ``s_test`` (:func:`influence.explain.solve`), score them all in one pass over the training
+   images (:func:`influence.explain.score`), and write each one's figures, score table and
+   record (:mod:`influence.results`), the record last.
 
 Every check on the input happens before the first Hessian-vector product, and a killed run
 resumes where it stopped.

@@ -40,7 +40,7 @@ def save_tiny_classifier(path, images, labels, *, input_size=SIZE, classes=3):
         [
             keras.Input((input_size, input_size, 3)),
             keras.layers.Conv2D(3, 3, activation="tanh"),
-            keras.layers.Flatten(),
+            keras.layers.Flatten(name="flatten"),  # a fixed name, whatever ran before in the process
             keras.layers.Dense(classes, activation="softmax", kernel_regularizer=keras.regularizers.L2(1e-3)),
         ]
     )
