@@ -257,14 +257,14 @@ class LissaSolver:
 
         parameters = params.count(curvature.variables)
         pairs = self.deflation if self.deflated(parameters) else 0
-        if self.deflation and not pairs:
-            echo(f"Deflation off: its Lanczos basis would take {self.lanczos_iterations * parameters * 4 / 2**30:.1f} GiB "
-                 f"(limit {DEFLATION_BASIS_BYTES / 2**30:.0f} GiB); plain LiSSA")
         if self.depth is None or self.average is None:  # the defaults for the mode
             return dataclasses.replace(
                 self, depth=self.depth or default_depth_and_batch(bool(pairs))[0],
                 average=(DEFLATED_AVERAGE if pairs else PLAIN_AVERAGE) if self.average is None else self.average,
             ).prepare(curvature)
+        if self.deflation and not pairs:
+            echo(f"Deflation off: its Lanczos basis would take {self.lanczos_iterations * parameters * 4 / 2**30:.1f} GiB "
+                 f"(limit {DEFLATION_BASIS_BYTES / 2**30:.0f} GiB); plain LiSSA")
         sampler = curvature.sampler
         if self.sampling == "curvature" and not sampler.full_batch:
             began = time.perf_counter()
