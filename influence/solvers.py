@@ -162,8 +162,9 @@ def estimate_curvature(curvature: TrainingCurvature, *, sample: int = DEFAULT_CU
 
     ``sample`` examples (all of them when the set is smaller), drawn from a fixed stream, not
     the run's seed: the damping chosen from this range is then the same for every seed, so two
-    seeds answer the same question and differ only in their minibatches; ``iterations`` products on that sample, each in chunks of ``chunk_size``
-    (:func:`influence.hvp.dataset_hvp`). The sample's Hessian has a slightly wider spectrum
+    seeds answer the same question and differ only in their minibatches. At most
+    ``iterations`` products on that sample (fewer once the range settles), each in chunks of
+    ``chunk_size`` (:func:`influence.hvp.dataset_hvp`). The sample's Hessian has a slightly wider spectrum
     than the full set's (sampling noise spreads the extremes), the safe side for a damping.
     ``pairs`` > 0 also keeps that many top Ritz pairs (:func:`influence.ihvp.lanczos`, with
     its basis in memory) for the deflation.
@@ -186,8 +187,10 @@ def estimate_curvature(curvature: TrainingCurvature, *, sample: int = DEFAULT_CU
                                      time.perf_counter() - began, top_values=found.top_values,
                                      top_vectors=found.top_vectors, next_value=float(left[-1]) if len(left) else 0.0)
     else:
-        low, high = ihvp.curvature_range(hvp_fn, like=curvature.zeros(), iterations=iterations, seed=SCALE_STREAM)
-        estimate = CurvatureEstimate(low, high, len(indices), iterations, time.perf_counter() - began)
+        details = {}
+        low, high = ihvp.curvature_range(hvp_fn, like=curvature.zeros(), iterations=iterations, seed=SCALE_STREAM,
+                                         details=details)
+        estimate = CurvatureEstimate(low, high, len(indices), details["products"], time.perf_counter() - began)
     curvature.cache[key] = estimate
     return estimate
 
@@ -279,7 +282,7 @@ class LissaSolver:
         sample = self.curvature_sample or self.auto_curvature_sample(curvature.sampler.batch_size)
         estimate = estimate_curvature(curvature, sample=sample, iterations=self.lanczos_iterations, pairs=pairs)
         echo(f" eigenvalues from {estimate.lambda_min:.4g} to {estimate.lambda_max:.4g} "
-             f"({estimate.sample} examples, {estimate.seconds:.1f} s)")
+             f"({estimate.products} products on {estimate.sample} examples, {estimate.seconds:.1f} s)")
         if pairs:
             echo(f"Deflation: the top {len(estimate.top_values)} Ritz pairs ({estimate.top_values[0]:.4g} down to "
                  f"{estimate.top_values[-1]:.4g}) solved exactly; largest curvature left {estimate.next_value:.4g}")
