@@ -110,7 +110,8 @@ CONVERGED_DRIFT = 0.15
 # top Ritz vectors for the run: allowed up to this many bytes of basis, else plain LiSSA.
 DEFLATION_BASIS_BYTES = 2**30
 DEFAULT_DEFLATION = 12
-SCALE_RETRIES = 2  # a diverging solve (auto scale) is rerun at 2x, then 4x the scale  # top Ritz pairs solved exactly by the preconditioner (0: plain LiSSA)
+SCALE_RETRIES = 2  # a diverging solve (auto scale) is rerun at 2x, then 4x the scale
+PLAIN_SCALE_ITERATIONS = 12  # power-iteration products for plain LiSSA's scale (deflated: 20, for its mean)  # top Ritz pairs solved exactly by the preconditioner (0: plain LiSSA)
 # Chosen in benchmarks/bench_lissa.py (docs/lissa.md): deflated, 2 chains x 12 steps x 64 examples,
 # the last 3/4 of each averaged; plain, 2 chains x 50 steps x 8, the last half averaged.
 DEFLATED_DEPTH, DEFLATED_BATCH, DEFLATED_AVERAGE = 12, 64, 0.75
@@ -293,14 +294,17 @@ class LissaSolver:
             sampler.reseed(SCALE_STREAM)  # not the run seed: the scale, like the damping, is the same for every seed
             began = time.perf_counter()
             echo("Estimate LiSSA scale...", end="")
-            scale_hvp, left, statistic = hvp_fn, estimate.lambda_max, "max"
+            # Plain: the largest over the last 6 of 12 minibatches (a diverging solve is rerun at 2x).
+            scale_hvp, left, statistic, iterations = hvp_fn, estimate.lambda_max, "max", PLAIN_SCALE_ITERATIONS
             if pairs:  # the minibatches' curvature outside the deflated directions
                 # Its mean over the power iteration's minibatches, not the largest: outside the top
                 # directions a rare heavy minibatch sets the largest (demo: 2.2, 1.8 or 6.4 for three
                 # streams, against means of 1.5, 1.1, 1.1), and a scale 4x too large slows every
                 # direction 4x. A chain that diverges anyway is rerun at twice the scale (solve()).
                 scale_hvp, left, statistic = _projected(hvp_fn, estimate.top_vectors), estimate.next_value, "mean"
-            minibatch_top = ihvp.estimate_scale(scale_hvp, like=curvature.zeros(), margin=1.0, statistic=statistic)
+                iterations = ihvp.DEFAULT_SCALE_ITERATIONS
+            minibatch_top = ihvp.estimate_scale(scale_hvp, like=curvature.zeros(), margin=1.0, statistic=statistic,
+                                                iterations=iterations)
             # The recursion contracts along curvature mu when 0 < damping + mu < 2 * scale, and its
             # coefficient damping / scale must stay below 1.
             scale = ihvp.DEFAULT_SCALE_MARGIN * max(minibatch_top, left, damping)
