@@ -200,12 +200,13 @@ def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: 
     the extremes fastest. Each is then pushed outward by its residual bound
     ``beta_k |y_k[-1]|`` (an eigenvalue of H lies within it), so the returned range errs wide,
     the safe side for a damping and a scale. Stops early once both bounds are below
-    ``tolerance * max|Ritz value|``, or once the range has settled: over the last
-    ``settle_window`` products (from the 8th on) its upper end moved less than ``settle`` of
-    itself and its lower end less than ``settle`` of ``max(|lower|, 0.01 upper)`` (the scale a
-    damping is taken from). A range that settles errs wide by its residual bounds; on
-    VGG16's top layers (a 21 M-weight Hessian whose extremes converge slowly) this stops at
-    about 9 products instead of 30, within 3% of the 30-product range. Three vectors in memory (in the variables' own dtype, dots
+    ``tolerance * max|Ritz value|``, or once the extreme Ritz values have settled: over the
+    last ``settle_window`` products (from the 8th on) the largest moved less than ``settle``
+    of itself and the smallest less than ``settle`` of ``max(|smallest|, 0.001 largest)``;
+    then each is pushed out by its residual bound, at most ``settle`` of that scale. (A
+    floor as large as the damping's 1% of the largest would let a smallest Ritz value still
+    near zero, before the negative curvature has emerged, pass for settled.) On VGG16's top layers (a 21 M-weight Hessian whose extremes
+    converge slowly) this stops at 8 products instead of 30. Three vectors in memory (in the variables' own dtype, dots
     in float64): no reorthogonalisation, since lost orthogonality duplicates converged Ritz
     values, it does not move the extremes.
     """
@@ -216,7 +217,7 @@ def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: 
     alphas, betas = [], []
     beta = 0.0
     values = vectors = residuals = None
-    ranges = []
+    ritz, settled = [], False
     for step in range(max(2, iterations)):
         w = list(hvp_fn(q))
         alpha = _dot(q, w)
@@ -238,14 +239,19 @@ def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: 
             break  # an invariant subspace: the Ritz values are exact
         if k >= 4 and max(residuals[0], residuals[-1]) <= tolerance * size:
             break
-        ranges.append((values[0] - residuals[0], values[-1] + residuals[-1]))
-        if k >= max(8, settle_window + 1) and _settled(ranges[-settle_window - 1:], settle):
+        ritz.append((values[0], values[-1]))
+        if k >= max(8, settle_window + 1) and _settled(ritz[-settle_window - 1:], settle):
+            settled = True
             break
         q_prev, q = q, _scaled(1.0 / beta, w)
     if details is not None:
         details.update(ritz_min=float(values[0]), ritz_max=float(values[-1]), products=len(alphas),
                        residual_min=float(residuals[0]), residual_max=float(residuals[-1]))
-    return float(values[0] - residuals[0]), float(values[-1] + residuals[-1])
+    push_low, push_high = residuals[0], residuals[-1]
+    if settled:  # the Ritz values stopped moving: push them out by at most what "settled" allows
+        push_low = min(push_low, settle * max(abs(values[0]), 1e-3 * abs(values[-1])))
+        push_high = min(push_high, settle * abs(values[-1]))
+    return float(values[0] - push_low), float(values[-1] + push_high)
 
 
 @dataclass
@@ -309,9 +315,9 @@ def lanczos(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, pairs: int = 0
 
 
 def _settled(ranges: list[tuple[float, float]], settle: float) -> bool:
-    """Whether every range in ``ranges`` lies within ``settle`` of the last one, end by end."""
+    """Whether every (smallest, largest) pair in ``ranges`` lies within ``settle`` of the last, end by end."""
     low, high = ranges[-1]
-    low_scale = max(abs(low), 0.01 * abs(high), 1e-30)
+    low_scale = max(abs(low), 1e-3 * abs(high), 1e-30)
     return all(abs(a - low) <= settle * low_scale and abs(b - high) <= settle * max(abs(high), 1e-30)
                for a, b in ranges[:-1])
 

@@ -66,6 +66,26 @@ def test_curvature_range_matches_the_explicit_hessian():
     assert high == pytest.approx(eigenvalues[-1], rel=0.02)
 
 
+def test_the_range_settles_only_once_both_ends_have_stopped_moving():
+    """Lanczos's extreme Ritz values per product on two real Hessians (benchmarks/bench_lissa.py
+    and a VGG16 top-layer run): the digits CNN's smallest is still near zero at products 4-8
+    (its negative curvature, -0.44, emerges later), which must not pass for settled; VGG16's
+    top layers' ends move by under 1% over products 5-9, which must."""
+    digits = [(0.0033, 37.8787), (-0.0009, 37.8793), (-0.0037, 37.8793), (-0.0097, 37.8793), (-0.0244, 37.8793)]
+    assert not ihvp._settled(digits, 0.05)  # noqa: SLF001
+    assert ihvp._settled(digits[-1:] * 5, 0.05)  # noqa: SLF001
+    vgg16_top = [(-17.4847, 17.7370), (-17.5047, 17.7679), (-17.5224, 17.7996), (-17.5354, 17.8317), (-17.5501, 17.8898)]
+    assert ihvp._settled(vgg16_top, 0.05)  # noqa: SLF001
+    model, x, y = _nonconvex()
+    variables = params.select(model)
+    eigenvalues = np.linalg.eigvalsh(explicit_hessian(model, variables, x, y))
+    details = {}
+    hvp_fn = hvp.dataset_hvp(model, variables, ArraySource(x, y), chunk_size=16)
+    low, high = ihvp.curvature_range(hvp_fn, like=random_vector(variables), iterations=40, details=details)
+    assert details["products"] < 40  # stopped early, and still within 5% of the extremes
+    assert eigenvalues[0] * 1.05 <= low <= eigenvalues[0] and eigenvalues[-1] <= high <= eigenvalues[-1] * 1.05
+
+
 def test_auto_damping_makes_the_problem_positive_definite_and_no_larger_than_needed():
     model, x, y = _nonconvex()
     curvature = _curvature(model, x, y, batch_size=8)
