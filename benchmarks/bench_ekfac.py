@@ -94,22 +94,28 @@ def part_loo(seeds=(0, 1, 2)) -> None:
 
     v = hvp.loss_gradient(model, variables, *z_test)
     source = sampling.ArraySource(x, y)
+    def lissa_auto_damping(curvature):  # what LissaSolver() resolves "auto" to on this curvature
+        lissa = solvers.LissaSolver()
+        return solvers.estimate_curvature(curvature, sample=lissa.auto_curvature_sample(curvature.sampler.batch_size),
+                                          iterations=lissa.lanczos_iterations).auto_damping()
+
     methods = {
-        "exact (damping 0)": lambda seed: solvers.ExactSolver(damping=0.0),
-        "LiSSA defaults (depth 100, bs 8, damping 0.01, auto scale)": lambda seed: solvers.LissaSolver(),
-        "EK-FAC, 1 label draw": lambda seed: ekfac.EkfacSolver(label_draws=1),
-        "EK-FAC defaults (relative damping 0.1, auto: 4 label draws)": lambda seed: ekfac.EkfacSolver(),
-        "EK-FAC defaults, relative damping 0.01": lambda seed: ekfac.EkfacSolver(damping=0.01),
+        "exact (damping 0)": lambda curvature: solvers.ExactSolver(damping=0.0),
+        "exact at LiSSA's auto damping": lambda curvature: solvers.ExactSolver(damping=lissa_auto_damping(curvature)),
+        "LiSSA defaults (2 x 50 steps, bs 8, damping auto)": lambda curvature: solvers.LissaSolver(),
+        "EK-FAC, 1 label draw": lambda curvature: ekfac.EkfacSolver(label_draws=1),
+        "EK-FAC defaults (relative damping 0.1; 4 label draws)": lambda curvature: ekfac.EkfacSolver(),
+        "EK-FAC, relative damping 0.01": lambda curvature: ekfac.EkfacSolver(damping=0.01),
     }
     top = np.argsort(-np.abs(actual))[:30]
     print(f"\n== leave-one-out: softmax regression, {n} training points, L2 {l2}, worst test point; "
           f"{n} retrainings in {retrain_seconds:.0f} s. Seeds {list(seeds)}: mean [min, max]")
-    print(f"{'method':62s} {'Pearson all':>22s} {'Pearson top 30':>22s} {'slope':>6s} {'solve s':>8s}")
+    print(f"{'method':54s} {'Pearson all':>22s} {'Pearson top 30':>22s} {'slope':>6s} {'damping':>8s} {'solve s':>8s}")
     for name, make in methods.items():
         figures = []
         for seed in seeds:
-            solver = make(seed)
             curvature = _curvature(model, variables, source, seed=seed)
+            solver = make(curvature)
             if isinstance(solver, ekfac.EkfacSolver):
                 prepared = solver.prepare(curvature, progress=False)
             else:
@@ -119,37 +125,20 @@ def part_loo(seeds=(0, 1, 2)) -> None:
             seconds = time.perf_counter() - began
             predicted = scores.influence_scores(model, variables, s_test, x, y) / n
             figures.append((_pearson(predicted, actual), _pearson(predicted[top], actual[top]),
-                            np.polyfit(predicted, actual, 1)[0], seconds))
+                            np.polyfit(predicted, actual, 1)[0], prepared.diagnostics["effective_damping"], seconds))
         figures = np.asarray(figures)
         def spread(column):
             values = figures[:, column]
             return f"{values.mean():.4f} [{values.min():.3f}, {values.max():.3f}]"
 
-        print(f"{name:62s} {spread(0):>22s} {spread(1):>22s} {figures[:, 2].mean():6.2f} {figures[:, 3].mean():8.2f}")
+        print(f"{name:54s} {spread(0):>22s} {spread(1):>22s} {figures[:, 2].mean():6.2f} {figures[:, 3].mean():8.3g} "
+              f"{figures[:, 4].mean():8.2f}", flush=True)
 
 
 # -- the digits demo ----------------------------------------------------------------------
 
 
-def _minres(hvp_fn, v, *, damping: float, iterations: int):
-    """``(H + damping I)^-1 v`` by MINRES on the full-batch Hessian (symmetric, possibly indefinite)."""
-    from scipy.sparse.linalg import LinearOperator, minres
-
-    like = list(v)
-    size = ihvp.flatten(like).size
-
-    def matvec(x):
-        return ihvp.flatten(hvp_fn(ihvp.unflatten(np.asarray(x, np.float32), like))).astype(np.float64) + damping * x
-
-    rhs = ihvp.flatten(like).astype(np.float64)
-    solution, _ = minres(LinearOperator((size, size), matvec=matvec, dtype=np.float64), rhs, rtol=1e-5,
-                         maxiter=iterations)
-    residual = np.linalg.norm(matvec(solution) - rhs) / np.linalg.norm(rhs)
-    return ihvp.unflatten(solution.astype(np.float32), like), float(residual)
-
-
-
-def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int) -> None:
+def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None:
     model = keras.models.load_model(demo_dir / "model.keras")
     train = archive.open_train(demo_dir / "train.npz")
     tests = archive.open_test(demo_dir / "test.npz")
@@ -172,54 +161,76 @@ def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int) -> None:
         return np.concatenate([scores.influence_scores(model, variables, s_test, x_train[i:i + 512],
                                                        y_train[i:i + 512]) for i in range(0, len(y_train), 512)])
 
-    lissa = solvers.LissaSolver().prepare(_curvature(model, variables, source))
-    damping = lissa.diagnostics["effective_damping"]
+    # The damping every method but EK-FAC's default shares: LiSSA's automatic rule on the
+    # curvature range of the WHOLE training set, so that H + damping I is positive definite
+    # and the reference below is well defined.
+    curvature = _curvature(model, variables, source)
+    estimate = solvers.estimate_curvature(curvature, sample=len(source))
+    damping = estimate.auto_damping()
+    reference = solvers.ConjugateGradientSolver(damping=damping, max_iterations=cg_iterations).prepare(curvature)
+    lissa = solvers.LissaSolver(damping=damping).prepare(_curvature(model, variables, source))
     began = time.perf_counter()
-    ekfac_prepared = ekfac.EkfacSolver().prepare(_curvature(model, variables, source), progress=False)
+    ekfac_default = ekfac.EkfacSolver().prepare(_curvature(model, variables, source), progress=False)
     ekfac_fit = time.perf_counter() - began
-    full = hvp.training_hvp(model, variables, hvp.minibatches(x_train, y_train, len(y_train)))
-    methods = ("LiSSA defaults", "EK-FAC defaults")
-    found = {name: 0 for name in methods}
+    # The same factors at a Tikhonov damping (a number given as --damping means this).
+    tikhonov = ekfac.EkfacSolver(damping=damping, damping_mode="absolute")
+    ekfac_tikhonov = ekfac.PreparedEkfac(tikhonov, ekfac_default.curvature, ekfac_default.factors, reused=True,
+                                         prepare_seconds=0.0, factors_file=None)
+    methods = {f"LiSSA defaults, damping {damping:.3g}": lissa,
+               f"EK-FAC defaults (damping {ekfac_default.damping:.3g})": ekfac_default,
+               f"EK-FAC, damping {damping:.3g}": ekfac_tikhonov}
+    count = len(misclassified)
+    with_reference = count if cg_images is None else min(cg_images, count)
+    found = {name: 0 for name in (*methods, "reference")}
     timing = {name: 0.0 for name in (*methods, "reference")}
-    agreement = {name: [] for name in methods}  # (Pearson, top-5 overlap) with CG, per test image
-    residuals = []
+    agreement = {name: [] for name in methods}  # (Pearson, top-5 overlap) with the reference, per test image
+    residuals, iterations = [], []
+    top5 = lambda values: set(np.argsort(values, kind="stable")[:5].tolist())  # noqa: E731 (most harmful)
     for number, (folder, index, image, label) in enumerate(misclassified):
         v = hvp.loss_gradient(model, variables, image, np.array([label]))
-        began = time.perf_counter()
-        s_lissa = lissa.solve(v, key=(0, number)).s_test
-        timing["LiSSA defaults"] += time.perf_counter() - began
-        began = time.perf_counter()
-        s_ekfac = ekfac_prepared.solve(v).s_test
-        timing["EK-FAC defaults"] += time.perf_counter() - began
-        method_scores = {"LiSSA defaults": all_scores(s_lissa), "EK-FAC defaults": all_scores(s_ekfac)}
-        for name in methods:
-            found[name] += sum(train_ids[i] in flipped for i in np.argsort(method_scores[name])[:5])
-        if number >= cg_images:
+        method_scores = {}
+        for name, prepared in methods.items():
+            began = time.perf_counter()
+            s_test = prepared.solve(v, key=(0, number)).s_test
+            timing[name] += time.perf_counter() - began
+            method_scores[name] = all_scores(s_test)
+            found[name] += sum(train_ids[i] in flipped for i in top5(method_scores[name]))
+        if number >= with_reference:
             continue
         began = time.perf_counter()
-        s_reference, residual = _minres(full, v, damping=damping, iterations=cg_iterations)
+        solution = reference.solve(v)
         timing["reference"] += time.perf_counter() - began
-        residuals.append(residual)
-        reference = all_scores(s_reference)
+        residuals.append(solution.diagnostics["relative_residual"])
+        iterations.append(len(solution.diagnostics["residual_norms"]) - 1)
+        reference_scores = all_scores(solution.s_test)
+        found["reference"] += sum(train_ids[i] in flipped for i in top5(reference_scores))
         for name in methods:
-            agreement[name].append((_pearson(method_scores[name], reference),
-                                    len(set(np.argsort(method_scores[name])[:5]) & set(np.argsort(reference)[:5])) / 5))
-    count = len(misclassified)
+            agreement[name].append((_pearson(method_scores[name], reference_scores),
+                                    len(top5(method_scores[name]) & top5(reference_scores)) / 5))
+        print(f"  test image {number + 1}/{count}: CG {iterations[-1]} iterations, residual {residuals[-1]:.1e}; "
+              + ", ".join(f"{name.split(',')[0].split(' (')[0]} r={agreement[name][-1][0]:.3f}" for name in methods),
+              flush=True)
     print(f"\n== digits demo CNN ({params.count(variables)} weights, {len(y_train)} training images, "
           f"{len(flipped)} planted label errors), {count} misclassified test images")
-    print(f"MINRES reference (H + damping I is indefinite here: CG meets negative curvature) on the first "
-          f"{len(residuals)} of them, at LiSSA's "
-          f"effective damping {damping:.4g}: relative residual max {max(residuals, default=float('nan')):.1e}, "
-          f"{timing['reference'] / max(len(residuals), 1):.1f} s per image")
-    print(f"EK-FAC fit {ekfac_fit:.1f} s ({ekfac_prepared.diagnostics['sample_size']} images), effective damping "
-          f"{ekfac_prepared.diagnostics['effective_damping']:.4g}; LiSSA scale {lissa.scale:.4g}")
-    print(f"{'method':16s} {'Pearson vs ref':>13s} {'top-5 harmful overlap':>22s} "
-          f"{'planted errors in top-5 harmful':>32s} "
-          f"{'solve s/image':>14s}")
+    print(f"Curvature of the whole training set (Lanczos, {estimate.products} products): eigenvalues from "
+          f"{estimate.lambda_min:.4g} to {estimate.lambda_max:.4g}; damping {damping:.4g} (LiSSA's auto rule), "
+          f"H + damping I has smallest eigenvalue about {estimate.margin(damping):.4g}")
+    print(f"Reference: conjugate gradients on the full-batch Hessian + {damping:.4g} I for {with_reference} of "
+          f"the {count}: {min(iterations, default=0)}-{max(iterations, default=0)} iterations, relative residual "
+          f"max {max(residuals, default=float('nan')):.1e}, {timing['reference'] / max(with_reference, 1):.1f} s "
+          "per image")
+    print(f"EK-FAC fit {ekfac_fit:.1f} s ({ekfac_default.diagnostics['sample_size']} images x "
+          f"{ekfac_default.diagnostics['label_draws']} label draws), mean eigenvalue "
+          f"{ekfac_default.diagnostics['mean_eigenvalue']:.4g}; LiSSA scale {lissa.scale:.4g}, its own Lanczos "
+          f"range {lissa.estimate.lambda_min:.4g} to {lissa.estimate.lambda_max:.4g} ({lissa.estimate.sample} images)")
+    print(f"{'method':32s} {'Pearson median':>14s} {'Pearson worst':>14s} {'top-5 overlap':>14s} "
+          f"{'planted errors in top-5 harmful':>32s} {'solve s/image':>14s}")
     for name in methods:
-        pearson, overlap = np.mean(agreement[name], axis=0) if agreement[name] else (float("nan"),) * 2
-        print(f"{name:16s} {pearson:13.3f} {overlap:22.2f} {found[name]:>23d} of {5 * count:<4d}"
-              f"{timing[name] / count:14.3f}")
+        figures = np.asarray(agreement[name]) if agreement[name] else np.full((1, 2), np.nan)
+        print(f"{name:32s} {np.median(figures[:, 0]):14.3f} {figures[:, 0].min():14.3f} {figures[:, 1].mean():14.2f} "
+              f"{found[name]:>23d} of {5 * count:<4d} {timing[name] / count:14.3f}")
+    print(f"{'reference (CG)':32s} {'':14s} {'':14s} {'':14s} {found['reference']:>23d} of {5 * with_reference:<4d} "
+          f"{timing['reference'] / max(with_reference, 1):14.3f}")
     random = 5 * count * len(flipped) / len(y_train)
     print(f"(random picks: {random:.1f} planted errors expected among {5 * count})")
 
@@ -227,7 +238,31 @@ def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int) -> None:
 # -- VGG16 speed --------------------------------------------------------------------------
 
 
-def part_vgg16(images: int, lissa_steps: int, rounds: int) -> None:
+def _timed(record: list, fn):
+    """``fn`` wrapped so that every call appends its (wall, CPU) seconds to ``record``."""
+    def wrapper(*args, **kwargs):
+        began = _clock()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record.append(_clock() - began)
+
+    return wrapper
+
+
+def _clock() -> np.ndarray:
+    # Wall and process CPU time both: on a shared machine the wall time depends on the load.
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+def part_vgg16(images: int, label_draws: int, lissa_steps: int, rounds: int) -> None:
+    """EK-FAC's fit (measured, phase by phase) and solve against LiSSA's products, on VGG16.
+
+    The fit runs at EkfacSolver's defaults (every training image, minibatch 8,
+    max_factor_dim 8192) except ``label_draws``; its passes are linear in images x draws,
+    so the per-batch cost measured here extrapolates to any training set. LiSSA's costs are
+    extrapolated from the best of ``lissa_steps`` timed products at minibatch 8.
+    """
     keras.utils.set_random_seed(0)
     model = keras.applications.VGG16(weights=None)
     rng = np.random.default_rng(0)
@@ -235,49 +270,101 @@ def part_vgg16(images: int, lissa_steps: int, rounds: int) -> None:
     y = rng.integers(0, 1000, size=images)
     variables = params.select(model)
     source = sampling.ArraySource(x, y)
-    print(f"\n== VGG16, random weights, 224x224, all {params.count(variables):,} weights, {images} training images")
+    solver = ekfac.EkfacSolver(label_draws=label_draws)
+    print(f"\n== VGG16, random weights, 224x224, all {params.count(variables):,} weights; EK-FAC fit on "
+          f"{images} random training images x {label_draws} label draws, minibatch {solver.batch_size}", flush=True)
 
-    # Wall and process CPU time both: on a shared machine the wall time depends on the load.
-    clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731
-    began = clock()
-    # One label draw: the fit's cost is linear in images x draws (auto would take 8 for 8 images).
-    prepared = ekfac.EkfacSolver(batch_size=4, label_draws=1).prepare(_curvature(model, variables, source))
-    fit = np.subtract(clock(), began)
+    phases = {"covariances": [], "eigh": [], "corrections": []}
+    originals = (ekfac.batch_covariances, ekfac._eigh, ekfac.batch_corrections)  # noqa: SLF001
+    ekfac.batch_covariances = _timed(phases["covariances"], ekfac.batch_covariances)
+    ekfac._eigh = _timed(phases["eigh"], ekfac._eigh)  # noqa: SLF001
+    ekfac.batch_corrections = _timed(phases["corrections"], ekfac.batch_corrections)
+    try:
+        began = _clock()
+        prepared = solver.prepare(_curvature(model, variables, source))
+        prepare = _clock() - began
+    finally:
+        ekfac.batch_covariances, ekfac._eigh, ekfac.batch_corrections = originals  # noqa: SLF001
     d = prepared.diagnostics
     fitted = sum(params.count([variables[i] for i in (b.kernel_index, b.bias_index) if i is not None])
                  for b in (layer.block for layer in prepared.factors.layers))
-    print(f"EK-FAC fit on {d['sample_size']} images (layers fitted: {len(d['layers_fitted'])}, "
-          f"{fitted:,} weights; left out: {[e['layer'] for e in d['layers_left_out']]})")
+    print(f"EK-FAC fitted {len(d['layers_fitted'])} layers ({fitted:,} weights); left out: "
+          f"{[e['layer'] + ': ' + e['reason'] for e in d['layers_left_out']]}", flush=True)
     v = hvp.loss_gradient(model, variables, x[:1], y[:1])
     solve_times = []
     for _ in range(rounds):
-        began = clock()
+        began = _clock()
         prepared.solve(v)
-        solve_times.append(np.subtract(clock(), began))
+        solve_times.append(_clock() - began)
     del prepared
 
     lissa_fn = hvp.training_hvp(model, variables, sampling.MinibatchSampler(source, min(8, images)))
     h = [tf.identity(part) for part in v]
     step_times = []
     for step in range(lissa_steps + 1):  # the first call compiles
-        began = clock()
+        began = _clock()
         hv = lissa_fn(h)
         h = [vi + 0.99 * hi - hvi / 1e4 for vi, hi, hvi in zip(v, h, hv)]
         _ = float(tf.reduce_sum(h[0]))
         if step:
-            step_times.append(np.subtract(clock(), began))
+            step_times.append(_clock() - began)
+        print(f"  LiSSA product {step}: {np.round(_clock() - began, 1)} (wall, CPU) s", flush=True)
+
     step = np.min(step_times, axis=0)  # (wall, cpu), each the best round
     solve = np.min(solve_times, axis=0)
-    print(f"{'':34s} {'wall s':>10s} {'CPU s':>10s}")
-    rows = [("EK-FAC solve per test image", solve, f"best of {rounds}"),
-            ("LiSSA step (minibatch 8)", step, f"best of {lissa_steps}"),
-            ("LiSSA depth 100 per test image", 100 * step, "100 x step, extrapolated"),
-            ("EK-FAC fit", fit, "once per run"),
-            ("LiSSA for 20 test images", 2000 * step, "2000 x step, extrapolated; scale estimate not counted")]
+    lissa = solvers.LissaSolver()
+    per_image = lissa.depth * lissa.repeat  # products per test image
+    lanczos_sample = lissa.auto_curvature_sample(8)
+    # Lanczos: lanczos_iterations products on lanczos_sample examples (in chunks of 64), counted at
+    # the minibatch-8 product's cost per example; then the scale's power iteration at minibatch 8.
+    preparation = lissa.lanczos_iterations * lanczos_sample / 8 + ihvp.DEFAULT_SCALE_ITERATIONS
+    batches = {name: np.asarray(times) for name, times in phases.items()}
+    # A pass's first batch includes tracing; the steady cost per batch is the median of the others.
+    steady = {name: np.median(times[1:], axis=0) if len(times) > 1 else times[0]
+              for name, times in batches.items() if name != "eigh"}
+    eigh = batches["eigh"].sum(axis=0)
+    fit = d["fit_seconds"]
+    per_draw_batch = steady["covariances"] + steady["corrections"]  # one minibatch x one label draw, both passes
+    tracing = sum(batches[name][0] - steady[name] for name in steady)
+    print(f"{'':44s} {'wall s':>10s} {'CPU s':>10s}")
+    rows = [
+        ("EK-FAC solve per test image", solve, f"best of {rounds}"),
+        (f"LiSSA product (minibatch 8)", step, f"best of {lissa_steps}"),
+        (f"LiSSA per test image ({lissa.repeat} x {lissa.depth} products)", per_image * step, "extrapolated"),
+        ("EK-FAC fit, pass 1 (covariances), per batch", steady["covariances"],
+         f"median of {len(batches['covariances']) - 1} after the first"),
+        ("EK-FAC fit, eigendecompositions, all", eigh, f"{len(batches['eigh'])} matrices"),
+        ("EK-FAC fit, pass 2 (correction), per batch", steady["corrections"],
+         f"median of {len(batches['corrections']) - 1} after the first"),
+        ("EK-FAC fit, tracing (first batches)", tracing, "once per process"),
+        (f"EK-FAC fit, measured ({images} x {label_draws} draws)", np.array([fit, np.nan]), "wall only"),
+        ("EK-FAC prepare, measured (fit + weights hash)", prepare, "once per run"),
+        ("LiSSA for 20 test images", 20 * per_image * step, f"{20 * per_image} products, extrapolated"),
+        ("LiSSA preparation", preparation * step,
+         f"Lanczos {lissa.lanczos_iterations} x {lanczos_sample} examples + scale {ihvp.DEFAULT_SCALE_ITERATIONS} "
+         "products, extrapolated"),
+    ]
     for name, (wall, cpu), note in rows:
-        print(f"{name:34s} {wall:10.2f} {cpu:10.2f}   ({note})")
-    print(f"per test image, LiSSA / EK-FAC: {100 * step[0] / solve[0]:.0f}x wall, {100 * step[1] / solve[1]:.0f}x CPU; "
-          f"fit / LiSSA-for-20: {fit[0] / (2000 * step[0]):.3f} wall, {fit[1] / (2000 * step[1]):.3f} CPU")
+        print(f"{name:44s} {wall:10.1f} {cpu:10.1f}   ({note})")
+    print(f"per test image, LiSSA / EK-FAC: {per_image * step[0] / solve[0]:.0f}x wall, "
+          f"{per_image * step[1] / solve[1]:.0f}x CPU")
+    print(f"fit (measured prepare) / LiSSA for 20 test images: {prepare[0] / (20 * per_image * step[0]):.3f} wall, "
+          f"{prepare[1] / (20 * per_image * step[1]):.3f} CPU; with LiSSA's preparation added: "
+          f"{prepare[0] / ((20 * per_image + preparation) * step[0]):.3f} wall, "
+          f"{prepare[1] / ((20 * per_image + preparation) * step[1]):.3f} CPU")
+    # The fit at other sizes: eigendecompositions + tracing once, passes linear in images x draws.
+    budget = 20 * per_image * step
+    labels = (budget - eigh - tracing) / per_draw_batch * solver.batch_size
+    labels_with_prep = ((20 * per_image + preparation) * step - eigh - tracing) / per_draw_batch * solver.batch_size
+    print(f"fit extrapolated: {np.round(per_draw_batch / solver.batch_size, 2)} (wall, CPU) s per sampled "
+          f"(image, label) pair plus {np.round(eigh + tracing, 0)} s once; it stays within LiSSA's cost for 20 test "
+          f"images up to {labels[1]:,.0f} sampled labels by CPU ({labels_with_prep[1]:,.0f} with LiSSA's preparation)")
+    for n in (250, 1000, 2000, 10000):
+        draws = ekfac.auto_label_draws(n)
+        cost = eigh + tracing + n * draws / solver.batch_size * per_draw_batch
+        print(f"  default fit on {n:>6,} training images ({draws} draws): {cost[1]:9,.0f} CPU s = "
+              f"{cost[1] / budget[1]:.2f} x LiSSA for 20 test images, "
+              f"{cost[1] / ((20 * per_image + preparation) * step[1]):.2f} x with its preparation")
 
 
 def part_vgg16_apply(rounds: int, lissa_steps: int) -> None:
@@ -330,9 +417,11 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["loo", "demo", "vgg16"],
                         choices=["loo", "demo", "vgg16", "vgg16-apply"])
     parser.add_argument("--demo-dir", type=Path, default=Path("/work/baseline_demo"))
-    parser.add_argument("--cg-iterations", type=int, default=300, help="MINRES iterations at most")
-    parser.add_argument("--cg-images", type=int, default=4, help="misclassified test images with a MINRES reference")
-    parser.add_argument("--vgg-images", type=int, default=8)
+    parser.add_argument("--cg-iterations", type=int, default=1000, help="conjugate-gradient iterations at most")
+    parser.add_argument("--cg-images", type=int, default=None,
+                        help="misclassified test images with a CG reference (default: all)")
+    parser.add_argument("--vgg-images", type=int, default=24, help="random training images EK-FAC is fitted on")
+    parser.add_argument("--vgg-label-draws", type=int, default=2, help="EK-FAC label draws on VGG16")
     parser.add_argument("--lissa-steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -342,7 +431,7 @@ def main() -> None:
     if "demo" in args.parts:
         part_demo(args.demo_dir, args.cg_iterations, args.cg_images)
     if "vgg16" in args.parts:
-        part_vgg16(args.vgg_images, args.lissa_steps, args.rounds)
+        part_vgg16(args.vgg_images, args.vgg_label_draws, args.lissa_steps, args.rounds)
     if "vgg16-apply" in args.parts:
         part_vgg16_apply(args.rounds, args.lissa_steps)
 
