@@ -68,10 +68,18 @@ def build_parser() -> cli.ArgumentParser:
         "Gauss-Newton curvature fitted once per training archive, then cheap for every test image "
         "(Dense and Conv2D layers; docs/ekfac.md)",
     )
-    lissa.add_argument("-i", "--depth", type=positive_int, default=50, help="LiSSA steps per chain (default 50)")
     lissa.add_argument(
-        "-b", "-bs", "--batch-size", type=positive_int, default=8,
-        help="training minibatch per Hessian-vector product (default 8)",
+        "-i", "--depth", type=positive_int, default=None,
+        help="LiSSA steps per chain (default 12 when deflated, 50 when not; docs/lissa.md)",
+    )
+    lissa.add_argument(
+        "-b", "-bs", "--batch-size", type=positive_int, default=None,
+        help="training minibatch per Hessian-vector product (default 64 for deflated LiSSA, else 8)",
+    )
+    lissa.add_argument(
+        "--deflation", type=cli.whole_number, default=12, metavar="K",
+        help="LiSSA: solve the top K eigen-directions of the Hessian exactly, from the run's Lanczos, and iterate "
+        "on the rest (default 12; 0: plain LiSSA; off by itself when the basis would pass 1 GiB)",
     )
     lissa.add_argument(
         "--score-batch-size", type=positive_int, default=32, help="training images per scoring pass (default 32)"
@@ -168,6 +176,7 @@ def main(argv=None) -> int:
             damping=args.damping,
             scale=args.scale,
             repeat=args.repeat,
+            deflation=args.deflation,
             seed=args.seed,
         ),
         scoring=ScoringSettings(

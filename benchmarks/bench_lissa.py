@@ -1,4 +1,4 @@
-"""LiSSA accuracy against cost: today's defaults and the new ones, side by side in one process.
+"""LiSSA accuracy against cost: the old defaults, plain LiSSA and the deflated defaults, side by side in one process.
 
 For each model, on its misclassified test images: the converged answer (conjugate gradients
 on the full-batch Hessian, chunked, at the same Tikhonov damping, to a 1e-6 relative
@@ -20,7 +20,7 @@ of the training labels flipped. ``--vgg16`` adds the timing of one VGG16 (random
 fc2 and predictions) preparation and solve on a few random 224x224 images.
 
     python benchmarks/bench_lissa.py               # both CNNs, about 10 minutes on 2 CPU cores
-    python benchmarks/bench_lissa.py --images 4 --only new,today
+    python benchmarks/bench_lissa.py --images 4 --only new,today,timing
     python benchmarks/bench_lissa.py --vgg16
 """
 
@@ -99,13 +99,15 @@ def today_solver():
     return "today", None
 
 
-# Every candidate spends 100 products of 8 examples per test image, as today's defaults do.
+# Every candidate spends about 800 example-products per test image, as the old defaults did
+# (100 products of 8): (solver knobs, minibatch).
 CANDIDATES = {
     "today": None,  # 0.01 x scale damping, last iterate, uniform minibatches: the old recipe, through ihvp
-    "auto damping, uniform, last": dict(sampling="uniform", average=0.0, repeat=1, depth=100),
-    "uniform, averaged": dict(sampling="uniform", average=0.5, repeat=1, depth=100),
-    "curvature, averaged, 1x100": dict(sampling="curvature", average=0.5, repeat=1, depth=100),
-    "new defaults (curvature, averaged, 2x50)": {},
+    "auto damping, uniform, last iterate, 1x100 b8": (dict(sampling="uniform", average=0.0, repeat=1, depth=100,
+                                                          deflation=0), 8),
+    "plain: curvature sampling, averaged, 2x50 b8": (dict(deflation=0), 8),
+    "deflated (12), 2x12 b32, averaged 1/2": (dict(average=0.5), 32),
+    "new defaults: deflated (12), 2x12 b64, averaged 3/4": ({}, 64),
 }
 
 
@@ -120,15 +122,23 @@ class Bench:
         self.source = ArraySource(x, y)
         self.echo = echo
         self.full_hvp = hvp.dataset_hvp(model, self.variables, self.source, chunk_size=256)
-        sampler = MinibatchSampler(self.source, BATCH, seed=0)
-        self.curvature = solvers.TrainingCurvature.build(model, self.variables, sampler, seed=0,
-                                                         echo=lambda *a, **k: None)
-        self.curvature.full_hvp_fn = self.full_hvp
+        self._curvatures = {}
+        self.curvature = self.curvature_for(BATCH)
         self.tests = [hvp.loss_gradient(model, self.variables, self.tx[i:i + 1], self.ty[i:i + 1])
                       for i in range(len(self.tx))]
         self._references = {}
         echo(f"\n== {name}: {sum(int(np.prod(v.shape)) for v in self.variables)} weights, {len(x)} training "
              f"images, {len(self.tx)} misclassified test images")
+
+    def curvature_for(self, batch: int) -> solvers.TrainingCurvature:
+        """The training curvature with minibatches of ``batch`` (one per size: its Lanczos is cached)."""
+        if batch not in self._curvatures:
+            sampler = MinibatchSampler(self.source, batch, seed=0)
+            curvature = solvers.TrainingCurvature.build(self.model, self.variables, sampler, seed=0,
+                                                        echo=lambda *a, **k: None)
+            curvature.full_hvp_fn = self.full_hvp
+            self._curvatures[batch] = curvature
+        return self._curvatures[batch]
 
     def score(self, s_test) -> np.ndarray:
         parts = [scores.influence_scores(self.model, self.variables, s_test, self.x[i:i + 512], self.y[i:i + 512])
@@ -167,10 +177,11 @@ def run_today(bench: Bench, seed: int):
     return out, 0.01 * scale, prep, float(np.mean(times))
 
 
-def run_new(bench: Bench, knobs: dict, seed: int):
-    bench.curvature.seed = seed
+def run_new(bench: Bench, knobs: dict, batch: int, seed: int):
+    curvature = bench.curvature_for(batch)
+    curvature.seed = seed
     began = time.perf_counter()
-    prepared = solvers.LissaSolver(**knobs).prepare(bench.curvature)
+    prepared = solvers.LissaSolver(**knobs).prepare(curvature)
     bench.last_prepared = prepared
     prep = time.perf_counter() - began
     out, times = [], []
@@ -223,29 +234,44 @@ def evaluate(bench: Bench, label: str, runs):
 
 
 def bench_timing(bench: Bench, rounds: int = 5):
-    """Seconds per solve (no scoring), today's recipe against the new defaults, interleaved
-    round by round in this process, best of ``rounds``; plus each one's per-run preparation."""
+    """Seconds per test image, today's recipe against the new defaults, interleaved round by
+    round in this process, best of ``rounds``: the solve alone, and the solve plus scoring
+    the whole training set as calculate.py does (today: one s_test; new: both chains' halves
+    in one vectorised pass, for the stability report); plus each one's per-run preparation."""
     sampler = MinibatchSampler(bench.source, BATCH, seed=(0, solvers.SCALE_STREAM))
     fn = hvp.training_hvp(bench.model, bench.variables, sampler)
     began = time.perf_counter()
     scale = ihvp.estimate_scale(fn, like=bench.curvature.zeros(), damping=0.01)
     today_prepare = time.perf_counter() - began
-    bench.curvature.cache.clear()
+    curvature = bench.curvature_for(solvers.DEFLATED_BATCH)
+    curvature.cache.clear()
     began = time.perf_counter()
-    prepared = solvers.LissaSolver().prepare(bench.curvature)
+    prepared = solvers.LissaSolver().prepare(curvature)  # the defaults: deflated, 2 x 12 x 64
     new_prepare = time.perf_counter() - began
     v = bench.tests[0]
-    best = {"today": float("inf"), "new": float("inf")}
+
+    def score_all(tangents):
+        stacked = scores.stack_s_tests(tangents, bench.variables)
+        return [scores.influence_scores_many(bench.model, bench.variables, stacked, bench.x[i:i + 32],
+                                             bench.y[i:i + 32]) for i in range(0, len(bench.x), 32)]
+
+    best = {key: float("inf") for key in ("today", "new", "today+score", "new+score")}
     for round_ in range(rounds):
         began = time.perf_counter()
-        ihvp.lissa(fn, v, depth=100, damping=0.01, scale=scale)
+        s_test = ihvp.lissa(fn, v, depth=100, damping=0.01, scale=scale).s_test
         best["today"] = min(best["today"], time.perf_counter() - began)
+        score_all([s_test])
+        best["today+score"] = min(best["today+score"], time.perf_counter() - began)
         began = time.perf_counter()
-        prepared.solve(v, key=(0, round_))
+        solution = prepared.solve(v, key=(0, round_))
         best["new"] = min(best["new"], time.perf_counter() - began)
-    bench.echo(f"   time per solve (best of {rounds}, interleaved): today {best['today']:.3f} s, "
-               f"new defaults {best['new']:.3f} s ({best['new'] / best['today']:.2f}x); "
-               f"preparation once per run: today {today_prepare:.1f} s, new {new_prepare:.1f} s")
+        score_all(solution.parts)
+        best["new+score"] = min(best["new+score"], time.perf_counter() - began)
+    bench.echo(f"   time per test image (best of {rounds}, interleaved): solve today {best['today']:.3f} s, "
+               f"new defaults {best['new']:.3f} s ({best['new'] / best['today']:.2f}x); with scoring "
+               f"{best['today+score']:.3f} s against {best['new+score']:.3f} s "
+               f"({best['new+score'] / best['today+score']:.2f}x); preparation once per run: "
+               f"today {today_prepare:.1f} s, new {new_prepare:.1f} s")
 
 
 def bench_model(bench: Bench, only: list[str] | None):
@@ -256,7 +282,7 @@ def bench_model(bench: Bench, only: list[str] | None):
         if knobs is None:
             runs = [run_today(bench, seed) for seed in (0, 1)]
         else:
-            runs = [run_new(bench, knobs, seed) for seed in (0, 1)]
+            runs = [run_new(bench, *knobs, seed) for seed in (0, 1)]
         table[label] = evaluate(bench, label, runs)
     return table
 

@@ -75,7 +75,7 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
             losses.declare_output_kind(model, losses.output_kind(loaded.model))
             source = features.FeatureSource(cache)
     sampler = sampling.MinibatchSampler(source or sampling.ArchiveSource(train, loaded.preprocess),
-                                        settings.solver.batch_size)
+                                        settings.solver.batch_size_for(params.count(variables)))
     curvature = solvers.TrainingCurvature.build(model, variables, sampler, seed=settings.solver.seed, echo=echo)
     solver = settings.solver.solver()
     if settings.solver.method == "ekfac":  # fitted factors, reused by later runs and every shard

@@ -22,15 +22,18 @@ METHODS = ("lissa", "cg", "ekfac", "exact")
 @dataclass(frozen=True)
 class SolverSettings:
     method: str = "lissa"
-    depth: int = 50  # LiSSA steps J per chain
-    batch_size: int = 8  # training minibatch for each Hessian-vector product
+    # LiSSA steps J per chain and the training minibatch of each Hessian-vector product; None:
+    # the default for the run's LiSSA mode, 12 x 64 deflated, 50 x 8 plain (batch_size_for).
+    depth: int | None = None
+    batch_size: int | None = None
     # The Tikhonov damping: the problem solved is (H + damping I) s = v, for every method;
     # "auto": the least that makes it positive definite with a margin (docs/lissa.md).
     damping: float | str = "auto"
     scale: float | None = None  # LiSSA's step 1/scale; None: estimated once per run ("auto")
     repeat: int = 2  # independent LiSSA chains averaged; two or more also give the stability report
-    average: float = 0.5  # LiSSA: the share of each chain's final iterates averaged
+    average: float | None = None  # LiSSA: the share of each chain's final iterates averaged; None: 0.75 deflated, 0.5 plain
     sampling: str = "curvature"  # LiSSA minibatches: "curvature" (importance) or "uniform"
+    deflation: int = 12  # LiSSA: top Ritz pairs solved exactly by the preconditioner; 0: plain LiSSA
     seed: int = 0
 
     def __post_init__(self):
@@ -38,6 +41,15 @@ class SolverSettings:
             raise UserError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.damping != "auto" and not (isinstance(self.damping, (int, float)) and 0.0 <= self.damping < float("inf")):
             raise UserError(f"damping must be 'auto' or a finite number >= 0, not {self.damping!r}")
+
+    def batch_size_for(self, parameters: int) -> int:
+        """The minibatch, given as a number or the default for ``parameters`` selected weights."""
+        if self.batch_size is not None:
+            return self.batch_size
+        from influence import solvers
+
+        deflated = self.method == "lissa" and self.solver().deflated(parameters)
+        return solvers.default_depth_and_batch(deflated)[1]
 
     def solver(self):
         from influence import solvers
@@ -53,7 +65,8 @@ class SolverSettings:
                 return ekfac.EkfacSolver()
             return ekfac.EkfacSolver(damping=float(self.damping), damping_mode="absolute")
         return solvers.LissaSolver(depth=self.depth, damping=self.damping, scale=self.scale, repeat=self.repeat,
-                                   average=self.average, sampling=self.sampling)
+                                   average=self.average, sampling=self.sampling,
+                                   deflation=self.deflation)
 
 
 @dataclass(frozen=True)

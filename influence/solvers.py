@@ -15,6 +15,7 @@ every record).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from influence import hvp, ihvp, sampling
 from influence.errors import UserError
 from influence.sampling import MinibatchSampler
 
-# The scale's power iteration draws its minibatches from this stream, apart from every
-# test image's own (which are keyed by the test image), so the scale is one number per run.
+# The Lanczos sample and start and the scale's power iteration draw from this stream, apart from every
+# test image's own (keyed by the test image): the damping and the scale are one number per run, whatever the seed.
 SCALE_STREAM = 0x5CA1E
 
 
@@ -105,6 +106,26 @@ DEFAULT_LANCZOS_ITERATIONS = 30
 # of its chains (relative, window_drift): a series still growing or shrinking is not at its
 # fixed point. Calibrated in benchmarks/bench_lissa.py (docs/lissa.md).
 CONVERGED_DRIFT = 0.15
+# Deflation keeps the Lanczos basis (iterations x parameters, float32) while it is built, and the
+# top Ritz vectors for the run: allowed up to this many bytes of basis, else plain LiSSA.
+DEFLATION_BASIS_BYTES = 2**30
+DEFAULT_DEFLATION = 12
+SCALE_RETRIES = 2  # a diverging solve (auto scale) is rerun at 2x, then 4x the scale  # top Ritz pairs solved exactly by the preconditioner (0: plain LiSSA)
+# Chosen in benchmarks/bench_lissa.py (docs/lissa.md): deflated, 2 chains x 12 steps x 64 examples,
+# the last 3/4 of each averaged; plain, 2 chains x 50 steps x 8, the last half averaged.
+DEFLATED_DEPTH, DEFLATED_BATCH, DEFLATED_AVERAGE = 12, 64, 0.75
+PLAIN_DEPTH, PLAIN_BATCH, PLAIN_AVERAGE = 50, 8, 0.5
+
+
+def deflation_fits(parameters: int, *, iterations: int = DEFAULT_LANCZOS_ITERATIONS) -> bool:
+    """Whether the deflation's Lanczos basis for ``parameters`` weights fits ``DEFLATION_BASIS_BYTES``."""
+    return iterations * parameters * 4 <= DEFLATION_BASIS_BYTES
+
+
+def default_depth_and_batch(deflated: bool) -> tuple[int, int]:
+    """LiSSA's default steps per chain and minibatch: fewer, larger steps when deflated (each
+    step converges much further, and its smaller step lets more minibatch noise through)."""
+    return (DEFLATED_DEPTH, DEFLATED_BATCH) if deflated else (PLAIN_DEPTH, PLAIN_BATCH)
 
 
 class DampingWarning(UserWarning):
@@ -120,6 +141,11 @@ class CurvatureEstimate:
     sample: int
     products: int
     seconds: float
+    # With deflation (estimate_curvature(pairs=K)): the top K Ritz pairs of the sample's Hessian,
+    # values descending and (K, n) orthonormal vectors, and the largest Ritz value left out.
+    top_values: np.ndarray | None = None
+    top_vectors: object = None  # tf.Tensor
+    next_value: float = 0.0
 
     def auto_damping(self) -> float:
         return AUTO_DAMPING_FACTOR * max(-self.lambda_min, AUTO_DAMPING_FLOOR * self.lambda_max)
@@ -130,15 +156,19 @@ class CurvatureEstimate:
 
 
 def estimate_curvature(curvature: TrainingCurvature, *, sample: int = DEFAULT_CURVATURE_SAMPLE,
-                       iterations: int = DEFAULT_LANCZOS_ITERATIONS, chunk_size: int = 64) -> CurvatureEstimate:
+                       iterations: int = DEFAULT_LANCZOS_ITERATIONS, chunk_size: int = 64,
+                       pairs: int = 0) -> CurvatureEstimate:
     """Lanczos (:func:`influence.ihvp.curvature_range`) on a fixed random sample of the training set.
 
-    ``sample`` examples (all of them when the set is smaller), drawn once per run from the
-    run's seed; ``iterations`` products on that sample, each in chunks of ``chunk_size``
+    ``sample`` examples (all of them when the set is smaller), drawn from a fixed stream, not
+    the run's seed: the damping chosen from this range is then the same for every seed, so two
+    seeds answer the same question and differ only in their minibatches; ``iterations`` products on that sample, each in chunks of ``chunk_size``
     (:func:`influence.hvp.dataset_hvp`). The sample's Hessian has a slightly wider spectrum
     than the full set's (sampling noise spreads the extremes), the safe side for a damping.
+    ``pairs`` > 0 also keeps that many top Ritz pairs (:func:`influence.ihvp.lanczos`, with
+    its basis in memory) for the deflation.
     """
-    key = ("curvature_range", curvature.seed, sample, iterations)
+    key = ("curvature_range", sample, iterations, pairs)
     if key in curvature.cache:
         return curvature.cache[key]
     began = time.perf_counter()
@@ -147,10 +177,17 @@ def estimate_curvature(curvature: TrainingCurvature, *, sample: int = DEFAULT_CU
     if sample >= count:
         indices = np.arange(count)
     else:
-        indices = np.sort(np.random.default_rng([curvature.seed, SCALE_STREAM]).choice(count, sample, replace=False))
+        indices = np.sort(np.random.default_rng(SCALE_STREAM).choice(count, sample, replace=False))
     hvp_fn = hvp.dataset_hvp(curvature.model, curvature.variables, source, indices=indices, chunk_size=chunk_size)
-    low, high = ihvp.curvature_range(hvp_fn, like=curvature.zeros(), iterations=iterations, seed=curvature.seed)
-    estimate = CurvatureEstimate(low, high, len(indices), iterations, time.perf_counter() - began)
+    if pairs:
+        found = ihvp.lanczos(hvp_fn, like=curvature.zeros(), iterations=iterations, pairs=pairs, seed=SCALE_STREAM)
+        left = found.values[:len(found.values) - len(found.top_values)]
+        estimate = CurvatureEstimate(found.lambda_min, found.lambda_max, len(indices), found.products,
+                                     time.perf_counter() - began, top_values=found.top_values,
+                                     top_vectors=found.top_vectors, next_value=float(left[-1]) if len(left) else 0.0)
+    else:
+        low, high = ihvp.curvature_range(hvp_fn, like=curvature.zeros(), iterations=iterations, seed=SCALE_STREAM)
+        estimate = CurvatureEstimate(low, high, len(indices), iterations, time.perf_counter() - began)
     curvature.cache[key] = estimate
     return estimate
 
@@ -168,25 +205,35 @@ class LissaSolver:
       number CG takes), or ``"auto"``: :meth:`CurvatureEstimate.auto_damping`, the least
       damping that makes the problem positive definite with a margin. A number that leaves
       it indefinite is used as given, with a :class:`DampingWarning` naming the numbers.
+    - ``deflation`` K: the top K Ritz pairs of the Lanczos run are solved exactly by a
+      preconditioner and LiSSA iterates on the rest (:func:`influence.ihvp.deflated_lissa`);
+      0, or a basis over ``DEFLATION_BASIS_BYTES``: plain LiSSA. ``depth`` and the
+      minibatch default to 12 x 64 deflated and 50 x 8 plain (:func:`default_depth_and_batch`).
     - ``scale``: LiSSA's step ``1 / scale``, above the largest curvature of the minibatches
-      it sees; None: ``margin * `` the largest of the power-iteration estimate on those very
-      minibatches and Lanczos's ``lambda_max``.
-    - ``average``: the share of each chain's final iterates averaged (0: last iterate).
+      it sees (outside the deflated directions); None: ``margin *`` the largest of the
+      power-iteration estimate on those very minibatches and the largest curvature left
+      (Lanczos's ``lambda_max``, or the largest Ritz value not deflated).
+    - ``average``: the share of each chain's final iterates averaged (0: last iterate); None:
+      0.75 deflated (its chains converge within a few steps), 0.5 plain.
     - ``sampling``: ``"curvature"`` draws minibatch examples in proportion to their softmax
       curvature (mixed with 10% uniform) and reweights them by ``1 / (N q_i)`` (an unbiased
       Hessian with less variance, :mod:`influence.sampling`); ``"uniform"``: as before.
     - ``curvature_sample``, ``lanczos_iterations``: the Lanczos run behind the curvature range.
     """
 
-    depth: int = 50
+    depth: int | None = None  # None: default_depth_and_batch()
     damping: float | str = AUTO
     scale: float | None = None  # None: "auto", estimated once per run
     repeat: int = 2
-    average: float = 0.5
+    average: float | None = None  # None: 0.75 deflated, 0.5 plain
     sampling: str = "curvature"
     curvature_sample: int | None = None  # None: auto_curvature_sample()
     lanczos_iterations: int = DEFAULT_LANCZOS_ITERATIONS
+    deflation: int = DEFAULT_DEFLATION
     name: str = "lissa"
+
+    def deflated(self, parameters: int) -> bool:
+        return self.deflation > 0 and deflation_fits(parameters, iterations=self.lanczos_iterations)
 
     def auto_curvature_sample(self, batch_size: int) -> int:
         """The Lanczos sample when none is given: every example up to ``DEFAULT_CURVATURE_SAMPLE``,
@@ -199,12 +246,25 @@ class LissaSolver:
     def settings(self) -> dict:
         return {"method": self.name, "depth": self.depth, "damping": self.damping, "scale": self.scale,
                 "repeat": self.repeat, "average": self.average, "sampling": self.sampling,
-                "curvature_sample": self.curvature_sample, "lanczos_iterations": self.lanczos_iterations}
+                "curvature_sample": self.curvature_sample, "lanczos_iterations": self.lanczos_iterations,
+                "deflation": self.deflation}
 
     def prepare(self, curvature: TrainingCurvature) -> "PreparedLissa":
         if self.sampling not in ("curvature", "uniform"):
             raise UserError(f"unknown LiSSA sampling {self.sampling!r}; valid: curvature, uniform")
         echo = curvature.echo
+        from influence import params
+
+        parameters = params.count(curvature.variables)
+        pairs = self.deflation if self.deflated(parameters) else 0
+        if self.deflation and not pairs:
+            echo(f"Deflation off: its Lanczos basis would take {self.lanczos_iterations * parameters * 4 / 2**30:.1f} GiB "
+                 f"(limit {DEFLATION_BASIS_BYTES / 2**30:.0f} GiB); plain LiSSA")
+        if self.depth is None or self.average is None:  # the defaults for the mode
+            return dataclasses.replace(
+                self, depth=self.depth or default_depth_and_batch(bool(pairs))[0],
+                average=(DEFLATED_AVERAGE if pairs else PLAIN_AVERAGE) if self.average is None else self.average,
+            ).prepare(curvature)
         sampler = curvature.sampler
         if self.sampling == "curvature" and not sampler.full_batch:
             began = time.perf_counter()
@@ -217,25 +277,45 @@ class LissaSolver:
 
         echo("Curvature of the training Hessian (Lanczos)...", end="")
         sample = self.curvature_sample or self.auto_curvature_sample(curvature.sampler.batch_size)
-        estimate = estimate_curvature(curvature, sample=sample, iterations=self.lanczos_iterations)
+        estimate = estimate_curvature(curvature, sample=sample, iterations=self.lanczos_iterations, pairs=pairs)
         echo(f" eigenvalues from {estimate.lambda_min:.4g} to {estimate.lambda_max:.4g} "
              f"({estimate.sample} examples, {estimate.seconds:.1f} s)")
+        if pairs:
+            echo(f"Deflation: the top {len(estimate.top_values)} Ritz pairs ({estimate.top_values[0]:.4g} down to "
+                 f"{estimate.top_values[-1]:.4g}) solved exactly; largest curvature left {estimate.next_value:.4g}")
         damping = resolve_damping(self.damping, estimate, echo=echo)
 
         scale = self.scale
         if scale is None:
-            sampler.reseed(curvature.seed, SCALE_STREAM)
+            sampler.reseed(SCALE_STREAM)  # not the run seed: the scale, like the damping, is the same for every seed
             began = time.perf_counter()
             echo("Estimate LiSSA scale...", end="")
-            minibatch_top = ihvp.estimate_scale(hvp_fn, like=curvature.zeros(), margin=1.0)
+            scale_hvp, left, statistic = hvp_fn, estimate.lambda_max, "max"
+            if pairs:  # the minibatches' curvature outside the deflated directions
+                # Its mean over the power iteration's minibatches, not the largest: outside the top
+                # directions a rare heavy minibatch sets the largest (demo: 2.2, 1.8 or 6.4 for three
+                # streams, against means of 1.5, 1.1, 1.1), and a scale 4x too large slows every
+                # direction 4x. A chain that diverges anyway is rerun at twice the scale (solve()).
+                scale_hvp, left, statistic = _projected(hvp_fn, estimate.top_vectors), estimate.next_value, "mean"
+            minibatch_top = ihvp.estimate_scale(scale_hvp, like=curvature.zeros(), margin=1.0, statistic=statistic)
             # The recursion contracts along curvature mu when 0 < damping + mu < 2 * scale, and its
             # coefficient damping / scale must stay below 1.
-            scale = ihvp.DEFAULT_SCALE_MARGIN * max(minibatch_top, estimate.lambda_max, damping)
+            scale = ihvp.DEFAULT_SCALE_MARGIN * max(minibatch_top, left, damping)
             echo(f" {scale:.4g} ({time.perf_counter() - began:.1f} s)")
         if not damping < scale:
             raise UserError(f"damping {damping:.4g} is not below the LiSSA scale {scale:.4g}: the answer would be "
                             "little more than the test gradient; lower --damping")
         return PreparedLissa(self, sampler, hvp_fn, float(scale), float(damping), estimate)
+
+
+def _projected(hvp_fn: ihvp.HvpFn, vectors) -> ihvp.HvpFn:
+    """``u -> (I - V^T V) H_j (I - V^T V) u``: the minibatch Hessian outside the rows of ``vectors``."""
+    def project_out(u):
+        flat = ihvp.flat(u)
+        flat = flat - tf.linalg.matvec(vectors, tf.linalg.matvec(vectors, flat), transpose_a=True)
+        return ihvp.unflat(flat, u)
+
+    return lambda u: project_out(hvp_fn(project_out(u)))
 
 
 def resolve_damping(damping: float | str, estimate: CurvatureEstimate, *, echo: Callable[..., None] = print) -> float:
@@ -271,12 +351,14 @@ class PreparedLissa:
         averaged = ihvp.averaged_steps(solver.depth, solver.average)
         # Along the slowest direction (curvature lambda_min) an iterate h_j has converged up to
         # rho^(j+1); the earliest iterate averaged is h_{J-A+1}.
-        rho = 1.0 - (damping + estimate.lambda_min) / scale
+        rho = 1.0 - (damping + estimate.lambda_min) / scale  # the slowest direction is never deflated
         self.diagnostics = {
             "method": "lissa", "scale_used": scale, "effective_damping": damping,
             "lissa_damping": damping / scale, "lambda_min": estimate.lambda_min,
             "lambda_max": estimate.lambda_max, "well_posed": estimate.margin(damping) > 0,
             "sampling": solver.sampling, "depth": solver.depth, "repeat": solver.repeat,
+            "batch_size": sampler.batch_size,
+            "deflation": 0 if estimate.top_values is None else len(estimate.top_values),
             "averaged_steps": averaged,
             "slowest_residual": float(abs(rho) ** (solver.depth - averaged + 1)) if rho < 1 else float("inf"),
         }
@@ -285,11 +367,32 @@ class PreparedLissa:
     def steps(self) -> int:
         return self.solver.depth * self.solver.repeat
 
+    def _run(self, v, key, scale, callback) -> ihvp.LissaResult:
+        reseed = lambda run: self.sampler.reseed(*key) if run == 0 else self.sampler.reseed(*key, run)  # noqa: E731
+        if self.estimate.top_values is not None:
+            return ihvp.deflated_lissa(self.hvp_fn, v, top_values=self.estimate.top_values,
+                                       top_vectors=self.estimate.top_vectors, damping=self.damping, scale=scale,
+                                       depth=self.solver.depth, repeat=self.solver.repeat,
+                                       average=self.solver.average, keep_runs=self.solver.repeat > 1,
+                                       before_run=reseed, callback=callback)
+        return ihvp.lissa(self.hvp_fn, v, depth=self.solver.depth, damping=self.damping / scale, scale=scale,
+                          repeat=self.solver.repeat, callback=callback, average=self.solver.average,
+                          keep_runs=self.solver.repeat > 1, before_run=reseed)
+
     def solve(self, v, *, key=(), callback=None) -> Solution:
-        result = ihvp.lissa(self.hvp_fn, v, depth=self.solver.depth, damping=self.damping / self.scale,
-                            scale=self.scale, repeat=self.solver.repeat, callback=callback,
-                            average=self.solver.average, keep_runs=self.solver.repeat > 1,
-                            before_run=lambda run: self.sampler.reseed(*key) if run == 0 else self.sampler.reseed(*key, run))
+        """One test gradient. With the scale estimated (``scale=None``), a solve that diverges is
+        rerun from the start at twice the scale, up to ``SCALE_RETRIES`` times: the damping is
+        Tikhonov, so the answer sought is the same and only its speed changes. The scale used
+        and the retries are recorded. A scale the user gave is never changed."""
+        scale, retries = self.scale, 0
+        while True:
+            try:
+                result = self._run(v, key, scale, callback)
+                break
+            except ihvp.LissaDivergedError:
+                if self.solver.scale is not None or retries == SCALE_RETRIES:
+                    raise
+                scale, retries = 2.0 * scale, retries + 1
         drift = window_drift(result.norms)
         parts = result.runs if len(result.runs) > 1 else []
         spread = None
@@ -303,6 +406,7 @@ class PreparedLissa:
             "chains_relative_difference": spread,
             "converged": bool(self.diagnostics["well_posed"] and drift < CONVERGED_DRIFT),
             "lissa_norms": np.asarray(result.norms).tolist(),
+            "scale_used": scale, "scale_retries": retries, "lissa_damping": self.damping / scale,
         }, parts=parts)
 
 

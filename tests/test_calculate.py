@@ -21,7 +21,8 @@ from imagegen import make_class_folders
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CLASSES = {"alpha": 6, "beta": 5, "gamma": 6}  # labels 0, 1, 2 (natural sort order)
 SIZE = 8
-CALCULATE_ARGS = ["-i", "6", "-b", "4", "--score-batch-size", "4", "--preprocess", "unit", "--seed", "3"]
+# Plain LiSSA (--deflation 0): test_scores_equal_the_engine recomputes its recursion independently.
+CALCULATE_ARGS = ["-i", "6", "-b", "4", "--deflation", "0", "--score-batch-size", "4", "--preprocess", "unit", "--seed", "3"]
 
 
 def run_script(script, *args, cwd=None, timeout=300):
@@ -444,7 +445,7 @@ def run_job(workspace, output_dir, *, test_path=None, scale=None, echo=None):
     from influence import job
     from influence.settings import ScoringSettings, Settings, SolverSettings
 
-    settings = Settings(solver=SolverSettings(depth=6, batch_size=4, seed=3, scale=scale),
+    settings = Settings(solver=SolverSettings(depth=6, batch_size=4, deflation=0, seed=3, scale=scale),
                         scoring=ScoringSettings(score_batch_size=4))
     lines = []
     job.calculate(train_path=workspace / "train.npz", test_path=test_path or workspace / "test.npz",

@@ -114,9 +114,9 @@ def _expected_estimate(hessian, v, *, damping, scale, depth, averaged):
     return tail / (averaged * scale)
 
 
-def test_default_estimator_bias_and_variance_against_the_exact_solve():
+def test_plain_estimator_bias_and_variance_against_the_exact_solve():
     """Measured over 6 seeds on softmax regression at the same 100 products of 4 examples:
-    the new defaults (curvature sampling, averaged iterates, two chains of 50) and the last
+    plain LiSSA's defaults (curvature sampling, averaged iterates, two chains of 50) and the last
     iterate of uniform minibatches. Each estimator's mean is its deterministic recursion
     (unbiased minibatch Hessians, weighted or not), whose distance to the exact solve is the
     truncation bias; the new defaults have less variance, and more truncation bias (the
@@ -127,9 +127,9 @@ def test_default_estimator_bias_and_variance_against_the_exact_solve():
     v = hvp.loss_gradient(model, variables, x[:1], y[:1])
     hessian = explicit_hessian(model, variables, x, y)
     curvature = _curvature(model, x, y, batch_size=4)
-    new = solvers.LissaSolver(depth=50, repeat=2, damping=0.2).prepare(curvature)
+    new = solvers.LissaSolver(depth=50, repeat=2, damping=0.2, deflation=0).prepare(curvature)
     old = solvers.LissaSolver(depth=100, repeat=1, damping=0.2, average=0.0, sampling="uniform",
-                              scale=new.scale).prepare(curvature)
+                              scale=new.scale, deflation=0).prepare(curvature)
     exact = np.linalg.solve(hessian + 0.2 * np.eye(len(hessian)), flat(v))
     size = np.linalg.norm(exact)
     figures = {}
@@ -144,6 +144,88 @@ def test_default_estimator_bias_and_variance_against_the_exact_solve():
     (new_bias, new_spread), (old_bias, old_spread) = figures["new"], figures["old"]
     assert new_spread < 0.7 * old_spread, figures  # the variance reduction, measured
     assert old_bias < new_bias < 0.15, figures  # the truncation bias it costs here, measured
+
+
+def test_lanczos_ritz_pairs_match_the_explicit_hessian():
+    model, x, y = _nonconvex()
+    variables = params.select(model)
+    eigenvalues, eigenvectors = np.linalg.eigh(explicit_hessian(model, variables, x, y))
+    hvp_fn = hvp.dataset_hvp(model, variables, ArraySource(x, y), chunk_size=16)
+    found = ihvp.lanczos(hvp_fn, like=random_vector(variables), iterations=40, pairs=3)
+    vectors = np.asarray(found.top_vectors, np.float64)
+    np.testing.assert_allclose(vectors @ vectors.T, np.eye(3), atol=1e-5)  # orthonormal
+    np.testing.assert_allclose(found.top_values, eigenvalues[::-1][:3], rtol=1e-3)
+    for row, column in zip(vectors, (-1, -2, -3)):  # each the eigenvector, up to its sign
+        assert abs(row @ eigenvectors[:, column]) == pytest.approx(1.0, abs=1e-3)
+    assert found.lambda_min == pytest.approx(eigenvalues[0], rel=0.05, abs=1e-3)
+
+
+def _expected_deflated(hessian, v, *, damping, scale, vectors, values, depth, averaged):
+    """The mean of the deflated estimate when E[H_j] = H: its recursion with the full Hessian."""
+    precondition = vectors.T @ np.diag(1 / (values + damping)) @ vectors + (
+        np.eye(len(v)) - vectors.T @ vectors) / scale
+    x, tail = precondition @ v, np.zeros_like(v)
+    for j in range(depth):
+        x = x + precondition @ (v - (hessian + damping * np.eye(len(v))) @ x)
+        if j >= depth - averaged:
+            tail += x
+    return tail / averaged
+
+
+def test_deflated_estimator_bias_and_variance_against_the_exact_solve():
+    """The default (deflated) estimator, measured over 6 seeds on a weakly regularised softmax
+    regression (eigenvalues from 0.002 to 1.1: ill conditioned, as trained networks are): its
+    mean is its own preconditioned recursion, and at about the same example-products as plain
+    LiSSA (2 x 12 x 16 against 2 x 50 x 4) its error against the exact solve is well below
+    plain LiSSA's (measured: 0.16 against 0.40 of ||s_test||)."""
+    model = softmax_regression(l2=0.001)
+    x, y = tabular_data(80)
+    variables = params.select(model)
+    v = hvp.loss_gradient(model, variables, x[:1], y[:1])
+    hessian = explicit_hessian(model, variables, x, y)
+    deflated = solvers.LissaSolver(deflation=6).prepare(_curvature(model, x, y, batch_size=16))
+    damping = deflated.damping
+    plain = solvers.LissaSolver(deflation=0, damping=damping).prepare(_curvature(model, x, y, batch_size=4))
+    assert deflated.solver.depth == 12 and plain.solver.depth == 50  # each mode's default
+    assert deflated.diagnostics["deflation"] == 6 and plain.diagnostics["deflation"] == 0
+    exact = np.linalg.solve(hessian + damping * np.eye(len(hessian)), flat(v))
+    size = np.linalg.norm(exact)
+    errors = {}
+    for name, prepared in (("deflated", deflated), ("plain", plain)):
+        estimates = np.array([flat(prepared.solve(v, key=(seed,)).s_test) for seed in range(6)])
+        errors[name] = np.sqrt(np.mean(np.sum((estimates - exact) ** 2, axis=1))) / size
+        if name == "deflated":
+            mean = estimates.mean(axis=0)
+            spread = np.sqrt(np.mean(np.sum((estimates - mean) ** 2, axis=1)))
+            expected = _expected_deflated(hessian, flat(v), damping=damping, scale=prepared.scale,
+                                          vectors=np.asarray(prepared.estimate.top_vectors, np.float64),
+                                          values=prepared.estimate.top_values, depth=12, averaged=6)
+            assert np.linalg.norm(mean - expected) < 4 * spread / np.sqrt(len(estimates)) + 1e-3 * size
+    assert errors["deflated"] < 0.6 * errors["plain"], errors
+
+
+def test_a_diverging_solve_is_rerun_at_twice_the_estimated_scale():
+    """Full-batch steps at a scale of 0.3 x lambda_max diverge along the top eigenvector; the
+    solver reruns at 0.6 x lambda_max, which contracts, and records it. A scale the user gave
+    is never changed: the same solve fails."""
+    model = softmax_regression(l2=0.01)
+    x, y = tabular_data(40)
+    variables = params.select(model)
+    v = hvp.loss_gradient(model, variables, x[:1], y[:1])
+    hessian = explicit_hessian(model, variables, x, y)
+    top = np.linalg.eigvalsh(hessian)[-1]
+    prepared = solvers.LissaSolver(deflation=0, damping=0.05, depth=120, repeat=1).prepare(
+        _curvature(model, x, y, batch_size=len(x)))
+    prepared.scale = 0.3 * top  # as if the estimate had come out far too low
+    solution = prepared.solve(v)
+    assert solution.diagnostics["scale_retries"] == 1
+    assert solution.diagnostics["scale_used"] == pytest.approx(0.6 * top)
+    exact = np.linalg.solve(hessian + 0.05 * np.eye(len(hessian)), flat(v))
+    np.testing.assert_allclose(flat(solution.s_test), exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
+    given = solvers.LissaSolver(deflation=0, damping=0.05, depth=120, repeat=1, scale=0.3 * top).prepare(
+        _curvature(model, x, y, batch_size=len(x)))
+    with pytest.raises(ihvp.LissaDivergedError):
+        given.solve(v)
 
 
 def test_cg_solver_on_the_chunked_product_is_the_exact_solve():
@@ -174,14 +256,15 @@ def test_stability_report_flags_a_noisy_solve_and_passes_a_deterministic_one():
 
     def halves_report(batch_size, depth):
         curvature = _curvature(model, x, y, batch_size=batch_size)
-        solution = solvers.LissaSolver(depth=depth, repeat=2).prepare(curvature).solve(v, key=(0,))
+        solution = solvers.LissaSolver(depth=depth, repeat=2, deflation=0, sampling="uniform").prepare(
+            curvature).solve(v, key=(0,))
         assert len(solution.parts) == 2
         from influence import scores
 
         a, b = (scores.influence_scores(model, variables, part, x, y) for part in solution.parts)
         return solvers.stability(a, b, k=5)
 
-    # Minibatches of one example, 4 steps: the two chains see different Hessians.
+    # Minibatches of one example drawn uniformly, 4 steps of plain LiSSA: the two chains see different Hessians.
     noisy = halves_report(batch_size=1, depth=4)
     assert noisy["stable"] is False
     # The full batch every step: both chains are the same deterministic recursion.
