@@ -7,8 +7,9 @@ Four parts, each printing a table:
   turn and the model retrained (warm start, converged), and the actual change of the worst
   test point's loss is compared with ``score / n_train`` of each method (Pearson over all
   500, and over the 30 largest actual changes). Methods: the exact solve (no damping, and at
-  LiSSA's automatic damping), LiSSA at calculate.py's defaults (``LissaSolver()``: 2 chains
-  x 50 steps at minibatch 8, curvature sampling, tail averaging, damping and scale auto) and
+  LiSSA's automatic damping), LiSSA at calculate.py's defaults (``SolverSettings()``:
+  deflated, 2 chains x 12 steps at minibatch 64 where the Lanczos basis fits, else plain,
+  2 x 50 at minibatch 8; curvature sampling, tail averaging, damping and scale auto) and
   EK-FAC (defaults, 1 label draw, relative damping 0.01); three seeds each.
 - ``demo``: the digits demo's CNN and archives (``--demo-dir``, made by ``python demo.py
   --out DIR``). The damping is LiSSA's automatic rule on the curvature range of the WHOLE
@@ -19,7 +20,8 @@ Four parts, each printing a table:
   the reference (median and worst over the test images), overlap of the top-5 harmful with
   the reference's, and how many planted label errors are among each top-5 harmful.
 - ``vgg16``: keras.applications.VGG16(weights=None), 224x224, all weights (fc1 is left out of
-  EK-FAC by ``max_factor_dim``). EK-FAC's fit, measured (``--vgg-images`` random images x
+  EK-FAC by ``max_factor_dim``; LiSSA's default there is plain, 2 x 50 at minibatch 8: the
+  deflation's basis would not fit). EK-FAC's fit, measured (``--vgg-images`` random images x
   ``--vgg-label-draws``; each phase timed), and its solve per test gradient, against LiSSA's
   products at minibatch 8; LiSSA's costs (per test image, for 20 test images, its Lanczos and
   scale preparation) are extrapolated from the best of ``--lissa-steps`` timed products.
@@ -33,6 +35,7 @@ Four parts, each printing a table:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -48,7 +51,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from influence import archive, ekfac, hvp, ihvp, losses, models, params, sampling, scores, solvers  # noqa: E402
+from influence import archive, ekfac, hvp, ihvp, losses, models, params, sampling, scores, settings, solvers  # noqa: E402
 
 QUIET = dict(echo=lambda *a, **k: None)
 
@@ -60,6 +63,17 @@ def _pearson(a, b) -> float:
 def _curvature(model, variables, source, batch_size=8, seed=0):
     sampler = sampling.MinibatchSampler(source, batch_size, seed=seed)
     return solvers.TrainingCurvature.build(model, variables, sampler, seed=seed, **QUIET)
+
+
+def _lissa_defaults(variables, damping="auto"):
+    """LiSSA as calculate.py runs it by default on these weights: (solver, minibatch, steps per
+    chain, deflated), from the same SolverSettings defaults (deflated 2 x 12 x 64 where the
+    Lanczos basis fits, else plain 2 x 50 x 8)."""
+    chosen = settings.SolverSettings(damping=damping)
+    solver = chosen.solver()
+    deflated = solver.deflated(params.count(variables))
+    depth = solver.depth or solvers.default_depth_and_batch(deflated)[0]
+    return solver, chosen.batch_size_for(params.count(variables)), depth, deflated
 
 
 # -- leave-one-out on softmax regression --------------------------------------------------
@@ -94,15 +108,19 @@ def part_loo(seeds=(0, 1, 2)) -> None:
 
     v = hvp.loss_gradient(model, variables, *z_test)
     source = sampling.ArraySource(x, y)
-    def lissa_auto_damping(curvature):  # what LissaSolver() resolves "auto" to on this curvature
-        lissa = solvers.LissaSolver()
-        return solvers.estimate_curvature(curvature, sample=lissa.auto_curvature_sample(curvature.sampler.batch_size),
-                                          iterations=lissa.lanczos_iterations).auto_damping()
+    lissa, lissa_batch, lissa_depth, deflated = _lissa_defaults(params.select(model))
+    plain = dataclasses.replace(lissa, deflation=0)  # what models too large for the deflation get
+    plain_batch = solvers.default_depth_and_batch(False)[1]
+
+    def lissa_auto_damping(curvature):  # what calculate.py's LiSSA resolves "auto" to on this curvature
+        return lissa.prepare(_curvature(model, variables, source, batch_size=lissa_batch,
+                                        seed=curvature.seed)).damping
 
     methods = {
         "exact (damping 0)": lambda curvature: solvers.ExactSolver(damping=0.0),
         "exact at LiSSA's auto damping": lambda curvature: solvers.ExactSolver(damping=lissa_auto_damping(curvature)),
-        "LiSSA defaults (2 x 50 steps, bs 8, damping auto)": lambda curvature: solvers.LissaSolver(),
+        f"LiSSA defaults ({'deflated, ' if deflated else ''}2 x {lissa_depth} x {lissa_batch})": lambda curvature: lissa,
+        "LiSSA plain (--deflation 0: 2 x 50 x 8)": lambda curvature: plain,
         "EK-FAC, 1 label draw": lambda curvature: ekfac.EkfacSolver(label_draws=1),
         "EK-FAC defaults (relative damping 0.1; 4 label draws)": lambda curvature: ekfac.EkfacSolver(),
         "EK-FAC, relative damping 0.01": lambda curvature: ekfac.EkfacSolver(damping=0.01),
@@ -116,6 +134,10 @@ def part_loo(seeds=(0, 1, 2)) -> None:
         for seed in seeds:
             curvature = _curvature(model, variables, source, seed=seed)
             solver = make(curvature)
+            if solver is lissa:
+                curvature = _curvature(model, variables, source, batch_size=lissa_batch, seed=seed)
+            if solver is plain:
+                curvature = _curvature(model, variables, source, batch_size=plain_batch, seed=seed)
             if isinstance(solver, ekfac.EkfacSolver):
                 prepared = solver.prepare(curvature, progress=False)
             else:
@@ -168,7 +190,8 @@ def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None
     estimate = solvers.estimate_curvature(curvature, sample=len(source))
     damping = estimate.auto_damping()
     reference = solvers.ConjugateGradientSolver(damping=damping, max_iterations=cg_iterations).prepare(curvature)
-    lissa = solvers.LissaSolver(damping=damping).prepare(_curvature(model, variables, source))
+    lissa_solver, lissa_batch, lissa_depth, deflated = _lissa_defaults(variables, damping=damping)
+    lissa = lissa_solver.prepare(_curvature(model, variables, source, batch_size=lissa_batch))
     began = time.perf_counter()
     ekfac_default = ekfac.EkfacSolver().prepare(_curvature(model, variables, source), progress=False)
     ekfac_fit = time.perf_counter() - began
@@ -176,7 +199,7 @@ def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None
     tikhonov = ekfac.EkfacSolver(damping=damping, damping_mode="absolute")
     ekfac_tikhonov = ekfac.PreparedEkfac(tikhonov, ekfac_default.curvature, ekfac_default.factors, reused=True,
                                          prepare_seconds=0.0, factors_file=None)
-    methods = {f"LiSSA defaults, damping {damping:.3g}": lissa,
+    methods = {f"LiSSA defaults{' (deflated)' if deflated else ''}, damping {damping:.3g}": lissa,
                f"EK-FAC defaults (damping {ekfac_default.damping:.3g})": ekfac_default,
                f"EK-FAC, damping {damping:.3g}": ekfac_tikhonov}
     count = len(misclassified)
@@ -221,7 +244,8 @@ def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None
           "per image")
     print(f"EK-FAC fit {ekfac_fit:.1f} s ({ekfac_default.diagnostics['sample_size']} images x "
           f"{ekfac_default.diagnostics['label_draws']} label draws), mean eigenvalue "
-          f"{ekfac_default.diagnostics['mean_eigenvalue']:.4g}; LiSSA scale {lissa.scale:.4g}, its own Lanczos "
+          f"{ekfac_default.diagnostics['mean_eigenvalue']:.4g}; LiSSA {lissa.solver.repeat} x {lissa_depth} steps x "
+          f"{lissa_batch}, deflation {lissa.diagnostics['deflation']}, scale {lissa.scale:.4g}, its own Lanczos "
           f"range {lissa.estimate.lambda_min:.4g} to {lissa.estimate.lambda_max:.4g} ({lissa.estimate.sample} images)")
     print(f"{'method':32s} {'Pearson median':>14s} {'Pearson worst':>14s} {'top-5 overlap':>14s} "
           f"{'planted errors in top-5 harmful':>32s} {'solve s/image':>14s}")
@@ -312,7 +336,11 @@ def part_vgg16(images: int, label_draws: int, lissa_steps: int, rounds: int) -> 
 
     step = np.min(step_times, axis=0)  # (wall, cpu), each the best round
     solve = np.min(solve_times, axis=0)
-    lissa = solvers.LissaSolver()
+    lissa, batch, depth, deflated = _lissa_defaults(variables)
+    if deflated or batch != 8:
+        print(f"NOTE: calculate.py's LiSSA here is {'deflated' if deflated else 'plain'} at minibatch {batch}; "
+              "the figures below are for plain LiSSA at minibatch 8")
+    lissa = dataclasses.replace(lissa, depth=solvers.default_depth_and_batch(False)[0])  # plain, as timed
     per_image = lissa.depth * lissa.repeat  # products per test image
     lanczos_sample = lissa.auto_curvature_sample(8)
     # Lanczos: lanczos_iterations products on lanczos_sample examples (in chunks of 64), counted at
@@ -408,7 +436,10 @@ def part_vgg16_apply(rounds: int, lissa_steps: int) -> None:
     print(f"{'':40s} {'wall s':>10s} {'CPU s':>10s}")
     print(f"{'EK-FAC solve per test image':40s} {solve[0]:10.2f} {solve[1]:10.2f}   (best of {rounds})")
     print(f"{'Hessian-vector product, minibatch 8':40s} {step[0]:10.2f} {step[1]:10.2f}   (best of {lissa_steps})")
-    lissa = solvers.LissaSolver()
+    lissa, _, _, deflated = _lissa_defaults(variables)
+    if deflated:
+        print("NOTE: calculate.py's LiSSA here is deflated; the figures below are for plain LiSSA at minibatch 8")
+    lissa = dataclasses.replace(lissa, depth=solvers.default_depth_and_batch(False)[0])  # plain, as timed
     per_image = lissa.depth * lissa.repeat  # products per test image at LiSSA's defaults
     print(f"{f'LiSSA per test image ({lissa.repeat} x {lissa.depth} products)':40s} {per_image * step[0]:10.1f} "
           f"{per_image * step[1]:10.1f}   ({per_image} x product)")
