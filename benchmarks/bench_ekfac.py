@@ -10,15 +10,20 @@ Four parts, each printing a table:
   LiSSA's automatic damping), LiSSA at calculate.py's defaults (``SolverSettings()``:
   deflated, 2 chains x 12 steps at minibatch 64 where the Lanczos basis fits, else plain,
   2 x 50 at minibatch 8; curvature sampling, tail averaging, damping and scale auto) and
-  EK-FAC (defaults, 1 label draw, relative damping 0.01); three seeds each.
+  EK-FAC (1 label draw; defaults, whose factors are also solved at other damping rules);
+  three seeds each. Last, EK-FAC's limit with an exact Fisher (no label sampling), which
+  separates the Kronecker basis's error from the sampling's.
 - ``demo``: the digits demo's CNN and archives (``--demo-dir``, made by ``python demo.py
   --out DIR``). The damping is LiSSA's automatic rule on the curvature range of the WHOLE
   training set (Lanczos), which makes ``H + damping I`` positive definite; the reference is
   conjugate gradients on the full-batch Hessian at that damping. For every misclassified
-  test image, scores of all training images from LiSSA at defaults with that damping, EK-FAC
-  at its defaults, and EK-FAC at that Tikhonov damping (same factors). Reported: Pearson with
+  test image, scores of all training images from LiSSA at defaults with that damping, and
+  EK-FAC (one fit at its defaults) at four damping rules: its default, 0.01 x its mean
+  eigenvalue, LiSSA's rule on its own spectrum, and that Tikhonov damping. Reported: Pearson with
   the reference (median and worst over the test images), overlap of the top-5 harmful with
   the reference's, and how many planted label errors are among each top-5 harmful.
+- ``demo-samples``: EK-FAC on the demo fitted on 1,000 and 500 of its training images,
+  against the fit on all of them (Pearson, top-5 overlap, planted errors found).
 - ``vgg16``: keras.applications.VGG16(weights=None), 224x224, all weights (fc1 is left out of
   EK-FAC by ``max_factor_dim``; LiSSA's default there is plain, 2 x 50 at minibatch 8: the
   deflation's basis would not fit). EK-FAC's fit, measured (``--vgg-images`` random images x
@@ -122,15 +127,24 @@ def part_loo(seeds=(0, 1, 2)) -> None:
         f"LiSSA defaults ({'deflated, ' if deflated else ''}2 x {lissa_depth} x {lissa_batch})": lambda curvature: lissa,
         "LiSSA plain (--deflation 0: 2 x 50 x 8)": lambda curvature: plain,
         "EK-FAC, 1 label draw": lambda curvature: ekfac.EkfacSolver(label_draws=1),
-        "EK-FAC defaults (relative damping 0.1; 4 label draws)": lambda curvature: ekfac.EkfacSolver(),
-        "EK-FAC, relative damping 0.01": lambda curvature: ekfac.EkfacSolver(damping=0.01),
+        "EK-FAC defaults": lambda curvature: ekfac.EkfacSolver(),  # then the same factors at other dampings
     }
     top = np.argsort(-np.abs(actual))[:30]
     print(f"\n== leave-one-out: softmax regression, {n} training points, L2 {l2}, worst test point; "
           f"{n} retrainings in {retrain_seconds:.0f} s. Seeds {list(seeds)}: mean [min, max]")
-    print(f"{'method':54s} {'Pearson all':>22s} {'Pearson top 30':>22s} {'slope':>6s} {'damping':>8s} {'solve s':>8s}")
+    print(f"{'method':62s} {'Pearson all':>22s} {'Pearson top 30':>22s} {'slope':>6s} {'damping':>8s} {'solve s':>8s}")
+    rows = {}  # name -> per-seed (Pearson all, Pearson top 30, slope, damping, solve seconds)
+
+    def record(name, prepared, seed):
+        began = time.perf_counter()
+        s_test = prepared.solve(v, key=(seed, 1)).s_test
+        seconds = time.perf_counter() - began
+        predicted = scores.influence_scores(model, variables, s_test, x, y) / n
+        rows.setdefault(name, []).append((_pearson(predicted, actual), _pearson(predicted[top], actual[top]),
+                                          np.polyfit(predicted, actual, 1)[0],
+                                          prepared.diagnostics["effective_damping"], seconds))
+
     for name, make in methods.items():
-        figures = []
         for seed in seeds:
             curvature = _curvature(model, variables, source, seed=seed)
             solver = make(curvature)
@@ -142,19 +156,76 @@ def part_loo(seeds=(0, 1, 2)) -> None:
                 prepared = solver.prepare(curvature, progress=False)
             else:
                 prepared = solver.prepare(curvature)
-            began = time.perf_counter()
-            s_test = prepared.solve(v, key=(seed, 1)).s_test
-            seconds = time.perf_counter() - began
-            predicted = scores.influence_scores(model, variables, s_test, x, y) / n
-            figures.append((_pearson(predicted, actual), _pearson(predicted[top], actual[top]),
-                            np.polyfit(predicted, actual, 1)[0], prepared.diagnostics["effective_damping"], seconds))
+            if name != "EK-FAC defaults":
+                record(name, prepared, seed)
+                continue
+            for rule, same_factors in _ekfac_damping_rules(prepared, lissa_auto_damping(curvature)).items():
+                record(f"EK-FAC defaults, damping {rule}", same_factors, seed)
+    limit = _ekfac_exact_fisher_limit(model, variables, x, y, v)
+    for name, s_test in limit.items():
+        predicted = scores.influence_scores(model, variables, s_test, x, y) / n
+        rows[name] = [(_pearson(predicted, actual), _pearson(predicted[top], actual[top]),
+                       np.polyfit(predicted, actual, 1)[0], float(name.rsplit(" ", 1)[1]), 0.0)]
+    for name, figures in rows.items():
         figures = np.asarray(figures)
+
         def spread(column):
             values = figures[:, column]
             return f"{values.mean():.4f} [{values.min():.3f}, {values.max():.3f}]"
 
-        print(f"{name:54s} {spread(0):>22s} {spread(1):>22s} {figures[:, 2].mean():6.2f} {figures[:, 3].mean():8.3g} "
+        print(f"{name:62s} {spread(0):>22s} {spread(1):>22s} {figures[:, 2].mean():6.2f} {figures[:, 3].mean():8.3g} "
               f"{figures[:, 4].mean():8.2f}", flush=True)
+
+
+def _ekfac_damping_rules(prepared, lissa_damping: float) -> dict:
+    """The fitted factors of ``prepared`` at other Tikhonov dampings: rule -> PreparedEkfac.
+
+    ``0.1 x mean`` is EkfacSolver's default; ``LiSSA's rule`` applies LiSSA's automatic
+    damping, 1.5 x max(-lambda_min, 0.01 lambda_max), to EK-FAC's own spectrum (PSD, so
+    0.015 x its largest eigenvalue, the L2 penalty's 2 l2 included); ``lissa_damping`` is
+    what LiSSA's rule gives on the Hessian of the same problem."""
+    factors = prepared.factors
+    mean = factors.mean_eigenvalue
+    largest = max(float((layer.eigenvalues + 2 * layer.block.l2_kernel).max()) for layer in factors.layers)
+    lissa_rule = solvers.AUTO_DAMPING_FACTOR * max(0.0, solvers.AUTO_DAMPING_FLOOR * largest)
+    rules = {"0.1 x mean eigenvalue (default)": 0.1 * mean, "0.01 x mean eigenvalue": 0.01 * mean,
+             "LiSSA's rule on EK-FAC's spectrum (0.015 x largest)": lissa_rule,
+             "LiSSA's auto damping on the Hessian": lissa_damping}
+    return {rule: ekfac.PreparedEkfac(ekfac.EkfacSolver(damping=damping, damping_mode="absolute"), prepared.curvature,
+                                      factors, reused=True, prepare_seconds=0.0, factors_file=None)
+            for rule, damping in rules.items()}
+
+
+def _ekfac_exact_fisher_limit(model, variables, x, y, v) -> dict:
+    """EK-FAC of the softmax regression with no label sampling: name -> s_test.
+
+    Its Gauss-Newton matrix G (= Hessian without the L2 term) explicitly; the Kronecker basis
+    from the exact factors A = mean a a^T and S = mean_i (diag p_i - p_i p_i^T) (the
+    expectation over sampled labels); the corrected eigenvalues diag(Q^T G Q). What EK-FAC
+    converges to with infinitely many label draws: its error is then the basis alone."""
+    from engine_models import explicit_hessian
+
+    (kernel_var, bias_var), l2 = variables, float(model.layers[-1].kernel_regularizer.l2)
+    gauss_newton = explicit_hessian(model, variables, x, y, regularisers=False)  # (P, P) kernel rows, then bias
+    kernel, bias = (np.asarray(w, np.float64) for w in (kernel_var, bias_var))
+    logits = np.asarray(x, np.float64) @ kernel + bias
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    a = np.concatenate([np.asarray(x, np.float64), np.ones((len(x), 1))], axis=1)
+    s = np.mean([np.diag(row) - np.outer(row, row) for row in p], axis=0)
+    basis = np.kron(np.linalg.eigh(a.T @ a / len(x))[1], np.linalg.eigh(s)[1])  # row-major vec of (d_a, d_out)
+    rotated = basis.T @ gauss_newton @ basis
+    eigenvalues = np.diag(rotated)
+    print(f"Exact Fisher: the Gauss-Newton matrix keeps {np.linalg.norm(rotated - np.diag(eigenvalues)) / np.linalg.norm(rotated):.1%} of its Frobenius norm "
+          "off the diagonal in the Kronecker eigenbasis (what EK-FAC's diagonal there cannot hold)")
+    vector = np.concatenate([np.ravel(part) for part in v]).astype(np.float64)
+    out = {}
+    for damping in (0.0, 0.1 * eigenvalues.mean()):
+        solution = basis @ ((basis.T @ vector) / (eigenvalues + 2 * l2 + damping))
+        out[f"EK-FAC limit: exact Fisher, damping {damping:.3g}"] = [
+            tf.constant(solution[:kernel.size].reshape(kernel.shape), tf.float32),
+            tf.constant(solution[kernel.size:], tf.float32)]
+    return out
 
 
 # -- the digits demo ----------------------------------------------------------------------
@@ -195,13 +266,10 @@ def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None
     began = time.perf_counter()
     ekfac_default = ekfac.EkfacSolver().prepare(_curvature(model, variables, source), progress=False)
     ekfac_fit = time.perf_counter() - began
-    # The same factors at a Tikhonov damping (a number given as --damping means this).
-    tikhonov = ekfac.EkfacSolver(damping=damping, damping_mode="absolute")
-    ekfac_tikhonov = ekfac.PreparedEkfac(tikhonov, ekfac_default.curvature, ekfac_default.factors, reused=True,
-                                         prepare_seconds=0.0, factors_file=None)
+    # The same factors at other Tikhonov dampings (a number given as --damping means Tikhonov).
     methods = {f"LiSSA defaults{' (deflated)' if deflated else ''}, damping {damping:.3g}": lissa,
-               f"EK-FAC defaults (damping {ekfac_default.damping:.3g})": ekfac_default,
-               f"EK-FAC, damping {damping:.3g}": ekfac_tikhonov}
+               **{f"EK-FAC {rule} = {prepared.damping:.3g}": prepared
+                  for rule, prepared in _ekfac_damping_rules(ekfac_default, damping).items()}}
     count = len(misclassified)
     with_reference = count if cg_images is None else min(cg_images, count)
     found = {name: 0 for name in (*methods, "reference")}
@@ -247,16 +315,58 @@ def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None
           f"{ekfac_default.diagnostics['mean_eigenvalue']:.4g}; LiSSA {lissa.solver.repeat} x {lissa_depth} steps x "
           f"{lissa_batch}, deflation {lissa.diagnostics['deflation']}, scale {lissa.scale:.4g}, its own Lanczos "
           f"range {lissa.estimate.lambda_min:.4g} to {lissa.estimate.lambda_max:.4g} ({lissa.estimate.sample} images)")
-    print(f"{'method':32s} {'Pearson median':>14s} {'Pearson worst':>14s} {'top-5 overlap':>14s} "
+    print(f"{'method':70s} {'Pearson median':>14s} {'Pearson worst':>14s} {'top-5 overlap':>14s} "
           f"{'planted errors in top-5 harmful':>32s} {'solve s/image':>14s}")
     for name in methods:
         figures = np.asarray(agreement[name]) if agreement[name] else np.full((1, 2), np.nan)
-        print(f"{name:32s} {np.median(figures[:, 0]):14.3f} {figures[:, 0].min():14.3f} {figures[:, 1].mean():14.2f} "
+        print(f"{name:70s} {np.median(figures[:, 0]):14.3f} {figures[:, 0].min():14.3f} {figures[:, 1].mean():14.2f} "
               f"{found[name]:>23d} of {5 * count:<4d} {timing[name] / count:14.3f}")
-    print(f"{'reference (CG)':32s} {'':14s} {'':14s} {'':14s} {found['reference']:>23d} of {5 * with_reference:<4d} "
+    print(f"{'reference (CG)':70s} {'':14s} {'':14s} {'':14s} {found['reference']:>23d} of {5 * with_reference:<4d} "
           f"{timing['reference'] / max(with_reference, 1):14.3f}")
     random = 5 * count * len(flipped) / len(y_train)
     print(f"(random picks: {random:.1f} planted errors expected among {5 * count})")
+
+
+def part_demo_samples(demo_dir: Path, sizes=(1000, 500)) -> None:
+    """EK-FAC fitted on part of the demo's training set against the fit on all of it.
+
+    For every misclassified test image, all training images' scores from fits on ``sizes``
+    images (EkfacSolver(samples=...), default damping and label draws) against those of the
+    fit on every image: Pearson, top-5 harmful overlap, planted label errors found."""
+    model = keras.models.load_model(demo_dir / "model.keras")
+    train = archive.open_train(demo_dir / "train.npz")
+    tests = archive.open_test(demo_dir / "test.npz")
+    preprocess = models.preprocess_unit
+    source = sampling.ArchiveSource(train, preprocess)
+    x_train, y_train = preprocess(train.read(np.arange(len(train)))), source.labels
+    train_ids = np.asarray(train.ids)
+    flipped = {entry["id"] for entry in json.loads((demo_dir / "flipped.json").read_text())["flipped"]}
+    variables = params.select(model)
+    curvature = _curvature(model, variables, source)
+    fits = {size: ekfac.EkfacSolver(samples=size).prepare(curvature, progress=False) for size in (None, *sizes)}
+    top5 = lambda values: set(np.argsort(values, kind="stable")[:5].tolist())  # noqa: E731 (most harmful)
+    figures = {size: [] for size in fits}  # (Pearson, top-5 overlap, planted found) per test image
+    for folder in tests.folders:
+        test_set = tests.folder(folder)
+        images = preprocess(np.asarray(test_set.images))
+        predicted = np.argmax(model(images, training=False).numpy(), axis=1)
+        for index in np.flatnonzero(predicted != test_set.labels):
+            v = hvp.loss_gradient(model, variables, images[index:index + 1], np.array([test_set.labels[index]]))
+            found = {size: np.concatenate([scores.influence_scores(model, variables, prepared.solve(v).s_test,
+                                                                   x_train[i:i + 512], y_train[i:i + 512])
+                                           for i in range(0, len(y_train), 512)]) for size, prepared in fits.items()}
+            for size in fits:
+                figures[size].append((_pearson(found[size], found[None]), len(top5(found[size]) & top5(found[None])) / 5,
+                                      sum(train_ids[i] in flipped for i in top5(found[size]))))
+    print(f"\n== digits demo CNN: EK-FAC fitted on a sample of the {len(y_train)} training images, against the fit on "
+          f"all; {len(figures[None])} misclassified test images")
+    print(f"{'fit sample':>12s} {'label draws':>12s} {'Pearson median':>15s} {'worst':>8s} {'top-5 overlap':>14s} "
+          f"{'planted errors in top-5 harmful':>32s}")
+    for size, prepared in fits.items():
+        rows = np.asarray(figures[size])
+        print(f"{prepared.diagnostics['sample_size']:>12d} {prepared.diagnostics['label_draws']:>12d} "
+              f"{np.median(rows[:, 0]):15.3f} {rows[:, 0].min():8.3f} {rows[:, 1].mean():14.2f} "
+              f"{int(rows[:, 2].sum()):>23d} of {5 * len(rows)}")
 
 
 # -- VGG16 speed --------------------------------------------------------------------------
@@ -450,7 +560,7 @@ def part_vgg16_apply(rounds: int, lissa_steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["loo", "demo", "vgg16"],
-                        choices=["loo", "demo", "vgg16", "vgg16-apply"])
+                        choices=["loo", "demo", "demo-samples", "vgg16", "vgg16-apply"])
     parser.add_argument("--demo-dir", type=Path, default=Path("/work/baseline_demo"))
     parser.add_argument("--cg-iterations", type=int, default=1000, help="conjugate-gradient iterations at most")
     parser.add_argument("--cg-images", type=int, default=None,
@@ -465,6 +575,8 @@ def main() -> None:
         part_loo()
     if "demo" in args.parts:
         part_demo(args.demo_dir, args.cg_iterations, args.cg_images)
+    if "demo-samples" in args.parts:
+        part_demo_samples(args.demo_dir)
     if "vgg16" in args.parts:
         part_vgg16(args.vgg_images, args.vgg_label_draws, args.lissa_steps, args.rounds)
     if "vgg16-apply" in args.parts:
