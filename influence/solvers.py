@@ -110,7 +110,8 @@ CONVERGED_DRIFT = 0.15
 # top Ritz vectors for the run: allowed up to this many bytes of basis, else plain LiSSA.
 DEFLATION_BASIS_BYTES = 2**30
 DEFAULT_DEFLATION = 12
-SCALE_RETRIES = 2  # a diverging solve (auto scale) is rerun at 2x, then 4x the scale  # top Ritz pairs solved exactly by the preconditioner (0: plain LiSSA)
+SCALE_RETRIES = 2  # a diverging solve (auto scale) is rerun at 2x, then 4x the scale
+PLAIN_SCALE_ITERATIONS = 12  # power-iteration products for plain LiSSA's scale (deflated: 20, for its mean)  # top Ritz pairs solved exactly by the preconditioner (0: plain LiSSA)
 # Chosen in benchmarks/bench_lissa.py (docs/lissa.md): deflated, 2 chains x 12 steps x 64 examples,
 # the last 3/4 of each averaged; plain, 2 chains x 50 steps x 8, the last half averaged.
 DEFLATED_DEPTH, DEFLATED_BATCH, DEFLATED_AVERAGE = 12, 64, 0.75
@@ -162,8 +163,9 @@ def estimate_curvature(curvature: TrainingCurvature, *, sample: int = DEFAULT_CU
 
     ``sample`` examples (all of them when the set is smaller), drawn from a fixed stream, not
     the run's seed: the damping chosen from this range is then the same for every seed, so two
-    seeds answer the same question and differ only in their minibatches; ``iterations`` products on that sample, each in chunks of ``chunk_size``
-    (:func:`influence.hvp.dataset_hvp`). The sample's Hessian has a slightly wider spectrum
+    seeds answer the same question and differ only in their minibatches. At most
+    ``iterations`` products on that sample (fewer once the range settles), each in chunks of
+    ``chunk_size`` (:func:`influence.hvp.dataset_hvp`). The sample's Hessian has a slightly wider spectrum
     than the full set's (sampling noise spreads the extremes), the safe side for a damping.
     ``pairs`` > 0 also keeps that many top Ritz pairs (:func:`influence.ihvp.lanczos`, with
     its basis in memory) for the deflation.
@@ -186,8 +188,10 @@ def estimate_curvature(curvature: TrainingCurvature, *, sample: int = DEFAULT_CU
                                      time.perf_counter() - began, top_values=found.top_values,
                                      top_vectors=found.top_vectors, next_value=float(left[-1]) if len(left) else 0.0)
     else:
-        low, high = ihvp.curvature_range(hvp_fn, like=curvature.zeros(), iterations=iterations, seed=SCALE_STREAM)
-        estimate = CurvatureEstimate(low, high, len(indices), iterations, time.perf_counter() - began)
+        details = {}
+        low, high = ihvp.curvature_range(hvp_fn, like=curvature.zeros(), iterations=iterations, seed=SCALE_STREAM,
+                                         details=details)
+        estimate = CurvatureEstimate(low, high, len(indices), details["products"], time.perf_counter() - began)
     curvature.cache[key] = estimate
     return estimate
 
@@ -257,14 +261,14 @@ class LissaSolver:
 
         parameters = params.count(curvature.variables)
         pairs = self.deflation if self.deflated(parameters) else 0
-        if self.deflation and not pairs:
-            echo(f"Deflation off: its Lanczos basis would take {self.lanczos_iterations * parameters * 4 / 2**30:.1f} GiB "
-                 f"(limit {DEFLATION_BASIS_BYTES / 2**30:.0f} GiB); plain LiSSA")
         if self.depth is None or self.average is None:  # the defaults for the mode
             return dataclasses.replace(
                 self, depth=self.depth or default_depth_and_batch(bool(pairs))[0],
                 average=(DEFLATED_AVERAGE if pairs else PLAIN_AVERAGE) if self.average is None else self.average,
             ).prepare(curvature)
+        if self.deflation and not pairs:
+            echo(f"Deflation off: its Lanczos basis would take {self.lanczos_iterations * parameters * 4 / 2**30:.1f} GiB "
+                 f"(limit {DEFLATION_BASIS_BYTES / 2**30:.0f} GiB); plain LiSSA")
         sampler = curvature.sampler
         if self.sampling == "curvature" and not sampler.full_batch:
             began = time.perf_counter()
@@ -279,7 +283,7 @@ class LissaSolver:
         sample = self.curvature_sample or self.auto_curvature_sample(curvature.sampler.batch_size)
         estimate = estimate_curvature(curvature, sample=sample, iterations=self.lanczos_iterations, pairs=pairs)
         echo(f" eigenvalues from {estimate.lambda_min:.4g} to {estimate.lambda_max:.4g} "
-             f"({estimate.sample} examples, {estimate.seconds:.1f} s)")
+             f"({estimate.products} products on {estimate.sample} examples, {estimate.seconds:.1f} s)")
         if pairs:
             echo(f"Deflation: the top {len(estimate.top_values)} Ritz pairs ({estimate.top_values[0]:.4g} down to "
                  f"{estimate.top_values[-1]:.4g}) solved exactly; largest curvature left {estimate.next_value:.4g}")
@@ -290,14 +294,17 @@ class LissaSolver:
             sampler.reseed(SCALE_STREAM)  # not the run seed: the scale, like the damping, is the same for every seed
             began = time.perf_counter()
             echo("Estimate LiSSA scale...", end="")
-            scale_hvp, left, statistic = hvp_fn, estimate.lambda_max, "max"
+            # Plain: the largest over the last 6 of 12 minibatches (a diverging solve is rerun at 2x).
+            scale_hvp, left, statistic, iterations = hvp_fn, estimate.lambda_max, "max", PLAIN_SCALE_ITERATIONS
             if pairs:  # the minibatches' curvature outside the deflated directions
                 # Its mean over the power iteration's minibatches, not the largest: outside the top
                 # directions a rare heavy minibatch sets the largest (demo: 2.2, 1.8 or 6.4 for three
                 # streams, against means of 1.5, 1.1, 1.1), and a scale 4x too large slows every
                 # direction 4x. A chain that diverges anyway is rerun at twice the scale (solve()).
                 scale_hvp, left, statistic = _projected(hvp_fn, estimate.top_vectors), estimate.next_value, "mean"
-            minibatch_top = ihvp.estimate_scale(scale_hvp, like=curvature.zeros(), margin=1.0, statistic=statistic)
+                iterations = ihvp.DEFAULT_SCALE_ITERATIONS
+            minibatch_top = ihvp.estimate_scale(scale_hvp, like=curvature.zeros(), margin=1.0, statistic=statistic,
+                                                iterations=iterations)
             # The recursion contracts along curvature mu when 0 < damping + mu < 2 * scale, and its
             # coefficient damping / scale must stay below 1.
             scale = ihvp.DEFAULT_SCALE_MARGIN * max(minibatch_top, left, damping)

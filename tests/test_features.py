@@ -177,7 +177,7 @@ def test_cached_lissa_and_scores_equal_the_whole_models(tmp_path):
     _write_train(tmp_path / "train.npz")
     test_images, test_labels = _write_test(tmp_path / "test.npz")
     cut = features.find_cut(model, variables)
-    solver = solvers.LissaSolver(depth=15, damping=0.01, scale=20.0)
+    solver = solvers.LissaSolver(depth=15)  # deflated, damping and scale auto: all of it must match
     echo = lambda *a, **k: None  # noqa: E731
     with archive.open_train(tmp_path / "train.npz") as train, archive.open_test(tmp_path / "test.npz") as test:
         # The whole model on preprocessed images.
