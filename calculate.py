@@ -41,6 +41,16 @@ def _auto_or_number(text: str, *, auto, zero_allowed: bool):
     return value
 
 
+def ekfac_samples_value(text: str) -> int:
+    """A whole number of training images, or 'all' (= 0: every image)."""
+    if text == "all":
+        return 0
+    try:
+        return cli.whole_number(text)
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'all' nor a whole number >= 0") from None
+
+
 def damping_value(text: str) -> float | str:
     return _auto_or_number(text, auto="auto", zero_allowed=True)
 
@@ -80,6 +90,12 @@ def build_parser() -> cli.ArgumentParser:
         "--deflation", type=cli.whole_number, default=12, metavar="K",
         help="LiSSA: solve the top K eigen-directions of the Hessian exactly, from the run's Lanczos, and iterate "
         "on the rest (default 12; 0: plain LiSSA; off by itself when the basis would pass 1 GiB)",
+    )
+    lissa.add_argument(
+        "--ekfac-samples", type=ekfac_samples_value, default=2000, metavar="N|all",
+        help="ekfac: training images its factors are fitted on, at most, drawn from --seed (default 2000: the fit "
+        "costs a forward and backward pass per image, and its statistics are averages that a few thousand "
+        "images estimate well; 0 or 'all': every image)",
     )
     lissa.add_argument(
         "--score-batch-size", type=positive_int, default=32, help="training images per scoring pass (default 32)"
@@ -177,6 +193,7 @@ def main(argv=None) -> int:
             scale=args.scale,
             repeat=args.repeat,
             deflation=args.deflation,
+            ekfac_samples=args.ekfac_samples,
             seed=args.seed,
         ),
         scoring=ScoringSettings(

@@ -74,6 +74,11 @@ from influence.solvers import Solution, TrainingCurvature
 
 FACTORS_FORMAT = 1  # bump when the file layout or the fit's definition changes
 FIT_STREAM = 0xEFAC  # the fit's sample and pseudo-labels, apart from every other random stream
+# Training images the factors are fitted on by default (EkfacSolver.samples): the fit's passes
+# cost a forward and backward pass per image and draw (VGG16: ~10 CPU s each), so without a cap
+# the fit would grow with the training set; factor statistics are averages, and a few thousand
+# examples estimate them well (docs/ekfac.md, "the fit sample").
+DEFAULT_SAMPLES = 2000
 DAMPING_MODES = ("relative", "absolute")
 DTYPES = ("float32", "float64")
 
@@ -252,11 +257,12 @@ def _logits(model: keras.Model, outputs_: tf.Tensor, kind: str) -> tf.Tensor:
     return tf.cast(logits, tf.float32)
 
 
-def _forward(model, layers, blocks, x, labels, seed):
+def _forward(model, layers, blocks, x, labels, seed, *, with_activations=True):
     """Forward and backward pass with pseudo-labels: per layer (B, T, d_a) and (B, T, d_out).
 
     ``labels``: None to draw them from the model's predictive distribution (stateless,
-    from ``seed``); returns the labels used.
+    from ``seed``); returns the labels used. ``with_activations=False``: the activations
+    come back as None (their patches are not built).
     """
     kind = losses.output_kind(model)
     with _capturing(layers) as records:
@@ -273,8 +279,8 @@ def _forward(model, layers, blocks, x, labels, seed):
                                     "pass; EK-FAC needs each fitted layer used exactly once")
         preactivations = [record["preactivations"][0] for record in records]
         gradients = tape.gradient(total, preactivations, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    activations = [layer_activations(record["inputs"][0], layer, block)
-                   for record, layer, block in zip(records, layers, blocks)]
+    activations = ([layer_activations(record["inputs"][0], layer, block)
+                    for record, layer, block in zip(records, layers, blocks)] if with_activations else None)
     return labels, activations, [_positions(tf.cast(g, tf.float32)) for g in gradients]
 
 
@@ -301,6 +307,15 @@ def _build_covariances(model_ref, layers, blocks):
     return covariances
 
 
+def _build_gradient_covariances(model_ref, layers, blocks):
+    @tf.function(reduce_retracing=True)
+    def gradient_covariances(x, seed):  # another label draw on the same batch: A is already counted
+        labels, _, gradients = _forward(model_ref(), layers, blocks, x, None, seed, with_activations=False)
+        return labels, [tf.einsum("bti,btj->ij", g, g) for g in gradients]
+
+    return gradient_covariances
+
+
 def _build_corrections(model_ref, layers, blocks):
     @tf.function(reduce_retracing=True)
     def corrections(x, labels, bases_a, bases_s):
@@ -323,10 +338,20 @@ def _images(x) -> tf.Tensor:
     return x if x.dtype.is_floating else tf.cast(x, tf.float32)
 
 
-def batch_covariances(model, blocks, x, *, seed) -> tuple[np.ndarray, list, list, list]:
-    """One batch's pass 1: (B,) pseudo-labels, per layer ``sum a a^T``, ``sum g g^T`` and positions T."""
+def batch_covariances(model, blocks, x, *, seed, with_activations=True) -> tuple[np.ndarray, list | None, list,
+                                                                                 list | None]:
+    """One batch's pass 1: (B,) pseudo-labels, per layer ``sum a a^T``, ``sum g g^T`` and positions T.
+
+    ``with_activations=False`` (a further label draw on the same batch): only the labels and
+    ``sum g g^T``; the activations do not depend on the labels, so ``sum a a^T`` and T come
+    back as None and the patches are never built.
+    """
+    seed = tf.constant(seed, tf.int64)
+    if not with_activations:
+        labels, sums_s = _compiled(model, blocks, "gradient_covariances", _build_gradient_covariances)(_images(x), seed)
+        return labels.numpy(), None, [s.numpy() for s in sums_s], None
     fn = _compiled(model, blocks, "covariances", _build_covariances)
-    labels, sums_a, sums_s, positions = fn(_images(x), tf.constant(seed, tf.int64))
+    labels, sums_a, sums_s, positions = fn(_images(x), seed)
     return (labels.numpy(), [s.numpy() for s in sums_a], [s.numpy() for s in sums_s],
             [int(t) for t in positions])
 
@@ -416,18 +441,21 @@ def fit_factors(model, blocks: list[LayerBlock], source, *, indices: np.ndarray,
         for number, (batch, start) in enumerate(zip(batches, range(0, len(indices), batch_size))):
             x = source.take(batch)
             for draw in range(label_draws):
+                # A does not depend on the labels: it is summed on the batch's first draw only.
                 batch_labels, batch_a, batch_s, batch_positions = batch_covariances(
-                    model, fitted, x, seed=(seed, (FIT_STREAM << 40) + number * 1024 + draw))
+                    model, fitted, x, seed=(seed, (FIT_STREAM << 40) + number * 1024 + draw),
+                    with_activations=draw == 0)
                 labels[draw, start:start + len(batch)] = batch_labels
-                for total, part in zip(sums_a, batch_a):
-                    total += part
                 for total, part in zip(sums_s, batch_s):
                     total += part
-                positions += np.asarray(batch_positions) * len(batch)
+                if draw == 0:
+                    for total, part in zip(sums_a, batch_a):
+                        total += part
+                    positions += np.asarray(batch_positions) * len(batch)
                 bar.update()
         bases_a, bases_s, values_a, values_s = [], [], [], []
         for block, total_a, total_s, count in zip(fitted, sums_a, sums_s, positions):
-            value_a, basis_a = _eigh(total_a / count)  # mean over examples and positions
+            value_a, basis_a = _eigh(total_a / count)  # mean over examples and positions (once, not per draw)
             value_s, basis_s = _eigh(total_s / draws)  # mean over examples, summed over positions
             bases_a.append(basis_a), bases_s.append(basis_s), values_a.append(value_a), values_s.append(value_s)
             bar.update()
@@ -521,8 +549,8 @@ class EkfacSolver:
 
     ``damping``: Tikhonov damping; with ``damping_mode="relative"`` a multiple of the mean
     corrected eigenvalue (``trace(G) / n_parameters``), with ``"absolute"`` the number itself.
-    ``samples``: training examples the factors are fitted on (None: all), drawn once per
-    run from ``seed``; ``label_draws``: pseudo-labels drawn per example (more lowers the
+    ``samples``: training examples the factors are fitted on, at most (default
+    :data:`DEFAULT_SAMPLES`; None: all), drawn without replacement from ``seed``; ``label_draws``: pseudo-labels drawn per example (more lowers the
     Monte-Carlo noise of the Fisher, which matters on small training sets; None:
     :func:`auto_label_draws`); ``batch_size``: examples per pass of the fit (memory: a batch's
     convolution patches); ``max_factor_dim``: layers with a larger factor side are left out;
@@ -534,7 +562,7 @@ class EkfacSolver:
 
     damping: float = 0.1
     damping_mode: str = "relative"
-    samples: int | None = None
+    samples: int | None = DEFAULT_SAMPLES
     label_draws: int | None = None  # None: auto_label_draws(sample size)
     batch_size: int = 8
     max_factor_dim: int = 8192
@@ -665,22 +693,28 @@ def _apply_inverse(layer: LayerFactors, matrix: np.ndarray, *, damping: float) -
     ``B = G + (2 l2_kernel + damping) I`` is diagonal in the eigenbasis; the bias row's
     difference ``c = 2 (l2_bias - l2_kernel)`` enters by Woodbury with ``U = e_bias (x) I``:
     ``U^T B^-1 U = Q_S diag(w) Q_S^T``, ``w_m = sum_j Q_A[bias, j]^2 / D[j, m]``.
+
+    The matrix products run in TensorFlow, which flushes subnormal floats to zero; NumPy's
+    BLAS computes them at a hundredth of the speed, and tiny eigenvector entries times small
+    gradient entries land there often enough to slow a VGG16 solve tenfold.
     """
     block = layer.block
     dtype = layer.eigenvalues.dtype
-    q_a, q_s = layer.activation_basis, layer.gradient_basis
-    diagonal = layer.eigenvalues + dtype.type(2 * block.l2_kernel + damping)  # (d_a, d_out) eigenvalues of B
+    q_a, q_s = tf.constant(layer.activation_basis), tf.constant(layer.gradient_basis)  # (d_a, d_a), (d_out, d_out)
+    diagonal = tf.constant(layer.eigenvalues + dtype.type(2 * block.l2_kernel + damping))  # (d_a, d_out) eigenvalues of B
 
-    def base_inverse(matrix_):
-        return q_a @ ((q_a.T @ matrix_ @ q_s) / diagonal) @ q_s.T
+    def from_eigenbasis(rotated):  # Q_A rotated Q_S^T
+        return tf.linalg.matmul(tf.linalg.matmul(q_a, rotated), q_s, transpose_b=True)
 
-    result = base_inverse(matrix.astype(dtype, copy=False))
+    rotated = tf.linalg.matmul(tf.linalg.matmul(q_a, tf.constant(matrix.astype(dtype, copy=False)), transpose_a=True), q_s)
+    result = from_eigenbasis(rotated / diagonal)  # B^-1 V
     c = 2 * (block.l2_bias - block.l2_kernel)
     if block.bias_index is not None and c != 0:
         q_bias = q_a[-1]  # (d_a,) the bias row of Q_A
-        w = (q_bias ** 2) @ (1.0 / diagonal)  # (d_out,)
-        z = q_s @ ((q_s.T @ result[-1]) * (c / (1 + c * w)))  # (d_out,)
-        result = result - q_a @ ((np.outer(q_bias, q_s.T @ z)) / diagonal) @ q_s.T
+        w = tf.linalg.matvec(1.0 / diagonal, q_bias ** 2, transpose_a=True)  # (d_out,)
+        z = tf.linalg.matvec(q_s, tf.linalg.matvec(q_s, result[-1], transpose_a=True) * (c / (1 + c * w)))  # (d_out,)
+        result = result - from_eigenbasis(q_bias[:, None] * tf.linalg.matvec(q_s, z, transpose_a=True)[None, :] / diagonal)
+    result = result.numpy()
     if block.bias_index is None:
         return result, None
     return result[:-1], result[-1]

@@ -34,6 +34,8 @@ class SolverSettings:
     average: float | None = None  # LiSSA: the share of each chain's final iterates averaged; None: 0.75 deflated, 0.5 plain
     sampling: str = "curvature"  # LiSSA minibatches: "curvature" (importance) or "uniform"
     deflation: int = 12  # LiSSA: top Ritz pairs solved exactly by the preconditioner; 0: plain LiSSA
+    # EK-FAC: training images its factors are fitted on, at most (ekfac.DEFAULT_SAMPLES); 0: all.
+    ekfac_samples: int = 2000
     seed: int = 0
 
     def __post_init__(self):
@@ -41,6 +43,9 @@ class SolverSettings:
             raise UserError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.damping != "auto" and not (isinstance(self.damping, (int, float)) and 0.0 <= self.damping < float("inf")):
             raise UserError(f"damping must be 'auto' or a finite number >= 0, not {self.damping!r}")
+        if isinstance(self.ekfac_samples, bool) or not isinstance(self.ekfac_samples, int) or self.ekfac_samples < 0:
+            raise UserError(f"EK-FAC samples must be a whole number >= 0 (0: every training image), "
+                            f"not {self.ekfac_samples!r}")
 
     def batch_size_for(self, parameters: int) -> int:
         """The minibatch, given as a number or the default for ``parameters`` selected weights."""
@@ -61,9 +66,10 @@ class SolverSettings:
         if self.method == "ekfac":
             from influence import ekfac
 
+            samples = self.ekfac_samples or None  # 0: every training image
             if self.damping == "auto":  # EK-FAC's curvature is positive semi-definite: a relative damping
-                return ekfac.EkfacSolver()
-            return ekfac.EkfacSolver(damping=float(self.damping), damping_mode="absolute")
+                return ekfac.EkfacSolver(samples=samples)
+            return ekfac.EkfacSolver(damping=float(self.damping), damping_mode="absolute", samples=samples)
         return solvers.LissaSolver(depth=self.depth, damping=self.damping, scale=self.scale, repeat=self.repeat,
                                    average=self.average, sampling=self.sampling,
                                    deflation=self.deflation)
@@ -103,7 +109,10 @@ class Settings:
         """The settings that change the scores (the presentation only changes the files)."""
         scoring = dataclasses.asdict(self.scoring)
         scoring["layers"] = list(self.scoring.layers) if self.scoring.layers else None
-        return {"solver": dataclasses.asdict(self.solver), "scoring": scoring}
+        solver = dataclasses.asdict(self.solver)
+        if self.solver.method != "ekfac":  # only EK-FAC's fit reads it: other methods' trees are unaffected
+            del solver["ekfac_samples"]
+        return {"solver": solver, "scoring": scoring}
 
     def as_dict(self) -> dict:
         return {**self.fingerprint(), "presentation": dataclasses.asdict(self.presentation)}

@@ -63,10 +63,14 @@ def _check_correction(layer, per_example_matrices):
     _close(layer.eigenvalues, (projected ** 2).mean(axis=0))
 
 
-def test_dense_factors_and_correction_match_per_example_gradients():
+def test_dense_factors_and_correction_match_per_example_gradients(monkeypatch):
     model = mlp(softmax=True)
     x, y = tabular_data(23)
+    passes, covariances = [], ekfac.batch_covariances
+    monkeypatch.setattr(ekfac, "batch_covariances", lambda *a, **k: passes.append(k["with_activations"])
+                        or covariances(*a, **k))
     variables, factors = _fit(model, x, y, label_draws=2)  # moments are means over both draws
+    assert passes == [True, False] * 4  # A (label-free) once per batch of 7, S for each draw
     labels = factors.pseudo_labels
     assert labels.shape == (2, 23) and set(labels.ravel()) <= {0, 1, 2} and np.any(labels[0] != labels[1])
     grads = [np.concatenate(parts) for parts in zip(*[  # (2N, ...) per variable, with the fit's own labels
@@ -177,6 +181,20 @@ def test_solve_matches_a_dense_solve_with_the_same_approximation(mode):
         _close(np.concatenate([np.ravel(s_test[k]), np.ravel(s_test[b])]), expected, 1e-6)  # s_test is float32
 
 
+def test_solve_flushes_subnormal_floats():
+    """The solve's products never produce subnormal floats (CPU arithmetic on them runs ~100x
+    slower; tiny eigenvector entries times small gradient entries made VGG16's solve 10x slow).
+    Here the exact answer's second entry is 6.7e-41, subnormal in float32: flushed, it is 0."""
+    tiny = np.float32(1e-20)
+    block = ekfac.LayerBlock("layer", "dense", kernel_index=0, bias_index=None, d_in=2, d_out=1)
+    rotation = np.array([[1, -tiny], [tiny, 1]], np.float32)  # orthonormal to float32 precision
+    layer = ekfac.LayerFactors(block, rotation, np.ones((1, 1), np.float32), np.array([[1], [3]], np.float32),
+                               None, None)
+    s_kernel, _ = ekfac._apply_inverse(layer, np.array([[tiny], [0]], np.float32), damping=0.0)  # noqa: SLF001
+    assert s_kernel[0, 0] == pytest.approx(1e-20, rel=1e-6)
+    assert not np.any((s_kernel != 0) & (np.abs(s_kernel) < np.finfo(np.float32).tiny)), s_kernel
+
+
 def test_ekfac_approaches_the_gauss_newton_matrix_of_a_softmax_layer():
     # For a linear softmax model the Hessian of the mean cross-entropy IS the Gauss-Newton
     # matrix, whatever the labels, and the sampled-label Fisher converges to it. Labels taken
@@ -240,8 +258,8 @@ def test_factor_file_is_reused_and_refitted_when_stale(tmp_path, monkeypatch):
 
     fits = []
     monkeypatch.setattr(ekfac, "fit_factors", lambda *a, **k: fits.append(1) or fit(*a, **k))
-    for change in ["caller key", "weights", "batch size", "corrupt file"]:
-        key, batch = {"model": "abc"}, 8
+    for change in ["caller key", "weights", "batch size", "fit sample", "corrupt file"]:
+        key, batch, samples = {"model": "abc"}, 8, ekfac.DEFAULT_SAMPLES
         if change == "caller key":
             key = {"model": "other"}
         elif change == "weights":
@@ -249,12 +267,15 @@ def test_factor_file_is_reused_and_refitted_when_stale(tmp_path, monkeypatch):
             kernel.assign(kernel.numpy() * 1.01)
         elif change == "batch size":
             batch = 4
+        elif change == "fit sample":
+            batch, samples = 4, 12
         else:
             path.write_bytes(b"not an npz file")
         before = len(fits)
-        prepared = ekfac.EkfacSolver(label_draws=1, damping=0.01, batch_size=batch, dtype="float64").prepare(
-            curvature, cache_path=path, cache_key=key, progress=False)
+        prepared = ekfac.EkfacSolver(label_draws=1, damping=0.01, batch_size=batch, samples=samples,
+                                     dtype="float64").prepare(curvature, cache_path=path, cache_key=key, progress=False)
         assert len(fits) == before + 1 and not prepared.diagnostics["factors_reused"], change
+        assert prepared.diagnostics["sample_size"] == min(samples, 20)
         assert "refitting" in lines[-2], (change, lines[-2:])
     stored = json.loads(str(np.load(path)["key"]))
     assert stored["fit"]["batch_size"] == 8 and stored["caller"] == {"model": "abc"}  # rewritten by the last fit
@@ -289,3 +310,32 @@ def test_unsupported_layers_are_refused_and_large_ones_left_out():
     assert [entry["layer"] for entry in prepared.diagnostics["layers_left_out"]] == ["hidden"]
     s_test = prepared.solve(random_vector(params.select(wide))).s_test
     assert not np.any(s_test[0].numpy()) and not np.any(s_test[1].numpy()) and np.all(np.abs(s_test[2]) > 0)
+
+
+def test_the_fit_sample_is_capped_and_chosen_on_the_command_line():
+    import calculate
+    from influence.settings import Settings, SolverSettings
+
+    parse = calculate.build_parser().parse_args
+    assert ekfac.EkfacSolver().samples == ekfac.DEFAULT_SAMPLES == 2000 == parse([]).ekfac_samples
+    assert SolverSettings(method="ekfac").solver().samples == 2000
+    for text, samples in [("all", None), ("0", None), ("300", 300)]:
+        chosen = SolverSettings(method="ekfac", ekfac_samples=parse(["--ekfac-samples", text]).ekfac_samples)
+        assert chosen.solver().samples == samples, text
+    for text in ["-1", "some"]:
+        with pytest.raises(SystemExit):
+            parse(["--ekfac-samples", text])
+    with pytest.raises(UserError, match="EK-FAC samples"):
+        SolverSettings(ekfac_samples=-3)
+    # It decides EK-FAC's scores, so it is in EK-FAC runs' fingerprint, and in no other method's.
+    ekfac_run = Settings(solver=SolverSettings(method="ekfac")).fingerprint()
+    assert Settings(solver=SolverSettings(method="ekfac", ekfac_samples=300)).fingerprint() != ekfac_run
+    assert Settings(solver=SolverSettings(ekfac_samples=300)).fingerprint() == Settings().fingerprint()
+
+    model = mlp(softmax=True)
+    x, y = tabular_data(20)
+    fits = [ekfac.EkfacSolver(samples=12, label_draws=1, dtype="float64").prepare(_curvature(model, x, y),
+                                                                                  progress=False).factors
+            for _ in range(2)]
+    assert fits[0].sample_size == 12 and len(set(fits[0].indices)) == 12 and set(fits[0].indices) <= set(range(20))
+    np.testing.assert_array_equal(fits[0].indices, fits[1].indices)  # drawn from the seed: the same each run
