@@ -288,15 +288,15 @@ def lanczos(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, pairs: int = 0
     basis[0] = start / np.linalg.norm(start)
     alphas, betas = [], []
     for step in range(max(2, iterations)):
-        w = flatten(hvp_fn(unflatten(basis[step].astype(np.float64), like)))
-        alpha = float(basis[step] @ w)
+        w = flatten(hvp_fn(unflatten(basis[step].astype(np.float64), like))).astype(np.float32)
+        alpha = float(basis[step].astype(np.float64) @ w)
         if not math.isfinite(alpha):
             raise LissaDivergedError("the Hessian-vector product is not finite (NaN or inf): "
                                      "check the model's weights and the input images")
         alphas.append(alpha)
         done = basis[:step + 1]
-        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to float32 precision
-            w -= done.T.astype(np.float64) @ (done @ w)
+        for _ in range(2):  # classical Gram-Schmidt twice, in float32 (no copy of the basis)
+            w -= (done @ w) @ done
         beta = float(np.linalg.norm(w))
         betas.append(beta)
         if step + 1 == len(basis) or beta <= 1e-10 * max(abs(a) for a in alphas):
@@ -308,8 +308,7 @@ def lanczos(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, pairs: int = 0
     residuals = abs(betas[-1]) * np.abs(vectors[-1, :])
     keep = min(pairs, k)
     top = np.arange(k - 1, k - 1 - keep, -1)
-    top_vectors = (vectors[:, top].T @ basis[:k].astype(np.float64)).astype(np.float32) if keep else \
-        np.zeros((0, start.size), np.float32)
+    top_vectors = vectors[:, top].T.astype(np.float32) @ basis[:k] if keep else np.zeros((0, start.size), np.float32)
     return Lanczos(float(values[0] - residuals[0]), float(values[-1] + residuals[-1]), values,
                    values[top], tf.constant(top_vectors), k)
 
