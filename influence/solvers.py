@@ -249,7 +249,8 @@ class LissaSolver:
         """The Lanczos sample when none is given: every example up to ``DEFAULT_CURVATURE_SAMPLE``,
         and at most the examples that ``CURVATURE_BUDGET_TEST_IMAGES`` test images' chains touch
         (``depth * repeat * batch_size`` each) spread over the ``lanczos_iterations`` products.
-        With the defaults: 20 x 50 x 2 x 8 / 30 = 533 examples (docs/lissa.md)."""
+        With the defaults: 20 x 12 x 2 x 64 / 30 = 1,024 examples deflated, 20 x 50 x 2 x 8 / 30 =
+        533 plain (docs/lissa.md)."""
         budget = CURVATURE_BUDGET_TEST_IMAGES * self.depth * self.repeat * batch_size // self.lanczos_iterations
         return int(min(DEFAULT_CURVATURE_SAMPLE, max(batch_size, budget)))
 
