@@ -231,7 +231,9 @@ def _ekfac_exact_fisher_limit(model, variables, x, y, v) -> dict:
 # -- the digits demo ----------------------------------------------------------------------
 
 
-def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None:
+def _load_demo(demo_dir: Path):
+    """The demo's model and archives (``python demo.py --out DIR``), its training set in memory,
+    the planted label errors' ids and the model's variables."""
     model = keras.models.load_model(demo_dir / "model.keras")
     train = archive.open_train(demo_dir / "train.npz")
     tests = archive.open_test(demo_dir / "test.npz")
@@ -241,6 +243,11 @@ def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None
     train_ids = np.asarray(train.ids)
     flipped = {entry["id"] for entry in json.loads((demo_dir / "flipped.json").read_text())["flipped"]}
     variables = params.select(model)
+    return model, train, tests, preprocess, source, x_train, y_train, train_ids, flipped, variables
+
+
+def part_demo(demo_dir: Path, cg_iterations: int, cg_images: int | None) -> None:
+    model, train, tests, preprocess, source, x_train, y_train, train_ids, flipped, variables = _load_demo(demo_dir)
 
     misclassified = []  # (folder, index, image, label)
     for folder in tests.folders:
@@ -333,15 +340,7 @@ def part_demo_samples(demo_dir: Path, sizes=(1000, 500)) -> None:
     For every misclassified test image, all training images' scores from fits on ``sizes``
     images (EkfacSolver(samples=...), default damping and label draws) against those of the
     fit on every image: Pearson, top-5 harmful overlap, planted label errors found."""
-    model = keras.models.load_model(demo_dir / "model.keras")
-    train = archive.open_train(demo_dir / "train.npz")
-    tests = archive.open_test(demo_dir / "test.npz")
-    preprocess = models.preprocess_unit
-    source = sampling.ArchiveSource(train, preprocess)
-    x_train, y_train = preprocess(train.read(np.arange(len(train)))), source.labels
-    train_ids = np.asarray(train.ids)
-    flipped = {entry["id"] for entry in json.loads((demo_dir / "flipped.json").read_text())["flipped"]}
-    variables = params.select(model)
+    model, train, tests, preprocess, source, x_train, y_train, train_ids, flipped, variables = _load_demo(demo_dir)
     curvature = _curvature(model, variables, source)
     fits = {size: ekfac.EkfacSolver(samples=size).prepare(curvature, progress=False) for size in (None, *sizes)}
     top5 = lambda values: set(np.argsort(values, kind="stable")[:5].tolist())  # noqa: E731 (most harmful)
