@@ -378,8 +378,9 @@ def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float 
       contracting recursion can reach, ``||v|| * min(1 / damping, depth + 1)``.
 
     Raises :class:`LissaDivergedError` when ``h_j`` becomes non-finite or its norm passes
-    the bound: the run is stopped, never retried with other settings behind the caller's
-    back (a different scale would change ``effective_damping`` and so the answer).
+    the bound: the run is stopped, never retried here (at a fixed ``damping`` coefficient a
+    different scale would change ``effective_damping`` and so the answer; a caller that holds
+    the Tikhonov damping fixed may rerun at a larger scale, as ``solvers.PreparedLissa`` does).
     """
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
         raise UserError(f"LiSSA depth must be a positive whole number, not {depth!r}")
