@@ -115,9 +115,9 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--noise", type=float, default=defaults.noise,
                         help=f"noise std of the 'noisy' test folder, share of 255 (default {defaults.noise})")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"training epochs (default {defaults.epochs})")
-    parser.add_argument("-i", "--depth", type=int, default=defaults.depth, help=f"LiSSA depth (default {defaults.depth})")
+    parser.add_argument("-i", "--depth", type=int, default=defaults.depth, help="LiSSA depth (default: calculate.py's)")
     parser.add_argument("-b", "--batch-size", type=int, default=defaults.batch_size,
-                        help=f"calculate.py batch size (default {defaults.batch_size})")
+                        help="calculate.py batch size (default: calculate.py's)")
     parser.add_argument("--top", type=int, default=defaults.top,
                         help=f"k of the top-k harmful images, in the figures and the report (default {defaults.top})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of every random choice (default {defaults.seed})")
@@ -135,7 +135,7 @@ def settings_from(args) -> DemoSettings:
         "--top": args.top,
     }
     for option, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"{option} {value}: must be at least 1")
     if args.train_per_class is not None and args.train_per_class < 2:
         raise UserError(f"--train-per-class {args.train_per_class}: must be at least 2")
@@ -208,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "calculate.py",
             ["--train", str(out_dir / "train.npz"), "--test", str(out_dir / "test.npz"),
              "--model", str(out_dir / MODEL_FILE), "--preprocess", "unit", "--all-labels",
-             "--output-dir", str(calc_dir), "-i", str(settings.depth), "-b", str(settings.batch_size),
+             "--output-dir", str(calc_dir),
+             *(["-i", str(settings.depth)] if settings.depth is not None else []),
+             *(["-b", str(settings.batch_size)] if settings.batch_size is not None else []),
              "--top", str(settings.top), "--seed", str(settings.seed)],
         )
     except StepFailed as failure:

@@ -27,7 +27,7 @@ class DemoSettings:
     image_size: int = 16  # the 8x8 scans are upscaled to image_size x image_size
     noise: float = 0.35  # std of the Gaussian noise of the "noisy" folder, as a share of 255
     epochs: int = 30
-    depth: int = 50  # LiSSA depth, calculate.py -i
-    batch_size: int = 64  # calculate.py -b
+    depth: int | None = None  # LiSSA depth, calculate.py -i; None: calculate.py's default
+    batch_size: int | None = None  # calculate.py -b; None: calculate.py's default
     top: int = 5  # calculate.py --top, and the k of the report's top-k harmful images
     seed: int = 0
