@@ -309,9 +309,9 @@ class LissaSolver:
             scale_hvp, left, statistic, iterations = hvp_fn, estimate.lambda_max, "max", PLAIN_SCALE_ITERATIONS
             if pairs:  # the minibatches' curvature outside the deflated directions
                 # Its mean over the power iteration's minibatches, not the largest: outside the top
-                # directions a rare heavy minibatch sets the largest (demo: 2.2, 1.8 or 6.4 for three
-                # streams, against means of 1.5, 1.1, 1.1), and a scale 4x too large slows every
-                # direction 4x. A chain that diverges anyway is rerun at twice the scale (solve()).
+                # directions a rare heavy minibatch sets the largest (demo, minibatches of 32: 6.4, 1.5
+                # or 1.2 for three streams, against means of 1.5, 1.1, 1.1), and a scale 4x too large
+                # slows every direction 4x. A chain that diverges anyway is rerun at twice the scale (solve()).
                 scale_hvp, left, statistic = _projected(hvp_fn, estimate.top_vectors), estimate.next_value, "mean"
                 iterations = ihvp.DEFAULT_SCALE_ITERATIONS
             minibatch_top = ihvp.estimate_scale(scale_hvp, like=curvature.zeros(), margin=1.0, statistic=statistic,
