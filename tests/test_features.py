@@ -307,8 +307,10 @@ def test_two_processes_building_the_same_cache_one_builds_the_other_waits(tmp_pa
     started = [_builder(tmp_path, name) for name in ("first", "second")]  # at once
     logs = [log for _, log in started]
     # One holds the lock and is building (its first batch); the other must be blocked on the lock.
+    # ("Waiting for <holder>": the holder's pid, or "another process" if the builder has the lock
+    # but has not written its pid into the lock file yet.)
     _wait_for(lambda: any("batch" in log.read_text() for log in logs)
-              and any("Waiting for pid" in log.read_text() for log in logs), "one builder and one waiter")
+              and any("Waiting for " in log.read_text() for log in logs), "one builder and one waiter")
     (tmp_path / "go").touch()
     results = []
     for process, log in started:
