@@ -313,7 +313,8 @@ def test_bad_options_are_one_line_and_exit_2_and_write_nothing(tmp_path, option,
 
 # -- the whole demo, at reduced size ------------------------------------------------------
 
-REDUCED = ["--train-per-class", "20", "--test-per-class", "1", "--noise", "0.5", "--depth", "10", "--epochs", "20"]
+REDUCED = ["--train-per-class", "20", "--test-per-class", "1", "--noise", "0.5", "--depth", "10", "--batch-size", "16",
+           "--epochs", "20"]
 
 
 def run_demo(out: Path, cwd: Path) -> subprocess.CompletedProcess:

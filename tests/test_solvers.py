@@ -12,7 +12,7 @@ from influence.sampling import MinibatchSampler
 
 SOLVERS = {
     # name: (solver, batch size of the sampler, relative tolerance against the dense solve)
-    "lissa": (solvers.LissaSolver(depth=600, damping=0.05), None, 1e-3),  # damping: Tikhonov, as for cg
+    "lissa": (solvers.LissaSolver(depth=150, damping=0.05), None, 1e-3),  # damping: Tikhonov, as for cg
     "cg": (solvers.ConjugateGradientSolver(damping=0.05), 8, 1e-5),
     "exact": (solvers.ExactSolver(damping=0.05), 8, 1e-6),
 }
