@@ -41,6 +41,12 @@ class SolverSettings:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        from influence.solvers import DEFAULT_LANCZOS_ITERATIONS  # the Ritz pairs come from its products
+
+        if isinstance(self.deflation, bool) or not isinstance(self.deflation, int) or not (
+                0 <= self.deflation < DEFAULT_LANCZOS_ITERATIONS):
+            raise UserError(f"--deflation {self.deflation!r}: a whole number from 0 to {DEFAULT_LANCZOS_ITERATIONS - 1} "
+                            f"(the Ritz pairs come from {DEFAULT_LANCZOS_ITERATIONS} Lanczos products)")
         if self.damping != "auto" and not (isinstance(self.damping, (int, float)) and 0.0 <= self.damping < float("inf")):
             raise UserError(f"damping must be 'auto' or a finite number >= 0, not {self.damping!r}")
         if isinstance(self.ekfac_samples, bool) or not isinstance(self.ekfac_samples, int) or self.ekfac_samples < 0:

@@ -303,6 +303,7 @@ def bad_inputs(workspace):
         (["--model", "{ws}/wide.keras"], "10x10"),
         (["-sf", "gif"], "invalid choice: 'gif'"),
         (["--shard", "3/2"], "--shard 3/2"),
+        (["--deflation", "40"], "--deflation 40: a whole number from 0 to 29"),
         (["--folders", "styled"], "unknown test folder styled"),
         (["--labels", "7"], "no test images with label 7"),
         (["--layers", "nonesuch"], "nonesuch"),
