@@ -1,4 +1,6 @@
-"""calculate.py end to end, through the real scripts, on generated folders and a tiny model."""
+"""calculate.py end to end, on generated folders and a tiny model: through the real script where
+the process is part of what is checked (console, start-up noise, a kill, two runs at once), else
+through its main in this process (inprocess.py), which saves TensorFlow's start-up per run."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from PIL import Image
 
 from h5files import assert_same_h5
 from imagegen import make_class_folders
+from inprocess import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CLASSES = {"alpha": 6, "beta": 5, "gamma": 6}  # labels 0, 1, 2 (natural sort order)
@@ -79,6 +82,20 @@ def calculate(workspace, output_dir, *extra, timeout=300):
         "--model", workspace / "model.keras", "--output-dir", output_dir, *CALCULATE_ARGS, *extra,
         timeout=timeout,
     )
+
+
+def calculate_main(argv, capfd, monkeypatch):
+    """calculate.py's exit status and output for ``argv``, run in this process (see inprocess.py)."""
+    import calculate as script
+
+    return run_main(script.main, argv, prog="calculate.py", capfd=capfd, monkeypatch=monkeypatch)
+
+
+def calculate_here(workspace, output_dir, *extra, capfd, monkeypatch):
+    """:func:`calculate` without a process of its own."""
+    return calculate_main(["--train", workspace / "train.npz", "--test", workspace / "test.npz",
+                           "--model", workspace / "model.keras", "--output-dir", output_dir, *CALCULATE_ARGS, *extra],
+                          capfd, monkeypatch)
 
 
 EXPECTED_ITEMS = [("orig", 0, 1), ("orig", 0, 2), ("orig", 1, 1), ("noisy", 2, 1)]
@@ -217,11 +234,11 @@ def test_scores_equal_the_engine(workspace, full_run):
         assert written[key] == pytest.approx(value, rel=1e-4, abs=1e-7)
 
 
-def test_shards_cover_all_work_once_with_identical_scores(workspace, full_run):
+def test_shards_cover_all_work_once_with_identical_scores(workspace, full_run, capfd, monkeypatch):
     output_dir, _ = full_run
     sharded = workspace / "sharded"
     for index in (0, 1):
-        result = calculate(workspace, sharded, "--shard", f"{index}/2")
+        result = calculate_here(workspace, sharded, "--shard", f"{index}/2", capfd=capfd, monkeypatch=monkeypatch)
         assert result.returncode == 0, result.stderr
         assert f"of {2} in this shard" in result.stdout
         if index == 0:  # shard 1/2 has not run yet: nothing to assemble
@@ -235,7 +252,7 @@ def test_shards_cover_all_work_once_with_identical_scores(workspace, full_run):
     assert_same_h5(sharded / "results.h5", output_dir / "results.h5")
 
 
-def test_resume_after_kill_ends_with_the_same_complete_outputs(workspace, full_run):
+def test_resume_after_kill_ends_with_the_same_complete_outputs(workspace, full_run, capfd, monkeypatch):
     output_dir, _ = full_run
     first_record_name = Path("orig") / "0" / "1.json"
     # Kill as soon as the first test image is complete; on a loaded machine the run may
@@ -259,7 +276,7 @@ def test_resume_after_kill_ends_with_the_same_complete_outputs(workspace, full_r
             break
     assert finished_before_kill < len(EXPECTED_ITEMS), "the kill came too late to test resuming, three times"
 
-    result = calculate(workspace, resumed)
+    result = calculate_here(workspace, resumed, capfd=capfd, monkeypatch=monkeypatch)
     assert result.returncode == 0, result.stderr
     assert f"{finished_before_kill} of 4 test images already complete" in result.stdout
     assert result_files(resumed) == result_files(output_dir)  # no temporaries left either
@@ -268,19 +285,19 @@ def test_resume_after_kill_ends_with_the_same_complete_outputs(workspace, full_r
         assert after[key] == full[key]
 
 
-def test_rerun_skips_everything_and_overwrite_redoes_it(workspace, full_run):
+def test_rerun_skips_everything_and_overwrite_redoes_it(workspace, full_run, capfd, monkeypatch):
     output_dir, _ = full_run
-    again = calculate(workspace, output_dir, "--folders", "noisy")
+    again = calculate_here(workspace, output_dir, "--folders", "noisy", capfd=capfd, monkeypatch=monkeypatch)
     assert again.returncode == 0, again.stderr
     assert "1 of 1 test images already complete" in again.stdout and "Test image #" not in again.stdout
-    redo = calculate(workspace, output_dir, "--folders", "noisy", "--overwrite")
+    redo = calculate_here(workspace, output_dir, "--folders", "noisy", "--overwrite", capfd=capfd, monkeypatch=monkeypatch)
     assert redo.returncode == 0 and redo.stdout.count("Test image #1 in process") == 1
 
 
-def test_changed_settings_are_refused_without_overwrite(workspace, full_run):
+def test_changed_settings_are_refused_without_overwrite(workspace, full_run, capfd, monkeypatch):
     output_dir, _ = full_run
     before = result_files(output_dir)
-    result = calculate(workspace, output_dir, "-i", "3")
+    result = calculate_here(workspace, output_dir, "-i", "3", capfd=capfd, monkeypatch=monkeypatch)
     assert result.returncode == 2
     assert "other settings (solver.depth differ" in result.stderr and "--overwrite" in result.stderr
     assert result_files(output_dir) == before
@@ -292,6 +309,12 @@ def bad_inputs(workspace):
     save_tiny_classifier(workspace / "wide.keras", None, None, input_size=10)
     (workspace / "broken.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
     return workspace
+
+
+# These run the script itself, start to exit: an argument mistake, and a refusal after TensorFlow's
+# import and the model's load (the start-up noise must not reach the terminal). The rest run in
+# this process (inprocess.py), with the same checks.
+IN_ITS_OWN_PROCESS = {"10x10", "argument --seed: '-1' is negative"}
 
 
 @pytest.mark.parametrize(
@@ -314,7 +337,7 @@ def bad_inputs(workspace):
         (["--seed", "-1"], "argument --seed: '-1' is negative"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, args, message):
+def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, args, message, capfd, monkeypatch):
     output_dir = bad_inputs / "never"
     full = ["--train", "{ws}/train.npz", "--test", "{ws}/test.npz", "--model", "{ws}/model.keras"]
     for flag, value in zip(args[::2], args[1::2]):
@@ -322,7 +345,11 @@ def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, args, message)
             full[full.index(flag) + 1] = value
         else:
             full += [flag, value]
-    result = run_script("calculate.py", *[a.format(ws=bad_inputs) for a in full], "--output-dir", output_dir)
+    argv = [*[a.format(ws=bad_inputs) for a in full], "--output-dir", output_dir]
+    if message in IN_ITS_OWN_PROCESS:
+        result = run_script("calculate.py", *argv)
+    else:
+        result = calculate_main(argv, capfd, monkeypatch)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -330,24 +357,23 @@ def test_bad_input_is_one_line_exit_2_nothing_written(bad_inputs, args, message)
     assert not output_dir.exists()
 
 
-def test_unreadable_vgg16_weights_fail_fast(bad_inputs):
+def test_unreadable_vgg16_weights_fail_fast(bad_inputs, capfd, monkeypatch):
     workspace = bad_inputs
     output_dir = workspace / "never"
-    result = run_script(
-        "calculate.py", "--train", workspace / "train.npz", "--test", workspace / "test.npz",
-        "--weights", workspace / "broken.h5", "--output-dir", output_dir,
-    )
+    result = calculate_main(["--train", workspace / "train.npz", "--test", workspace / "test.npz",
+                             "--weights", workspace / "broken.h5", "--output-dir", output_dir], capfd, monkeypatch)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "broken.h5" in result.stderr
     assert not output_dir.exists()
 
 
-def test_all_labels_scores_the_whole_training_set(workspace, full_run):
+def test_all_labels_scores_the_whole_training_set(workspace, full_run, capfd, monkeypatch):
     from influence import archive
 
     output_dir, _ = full_run
     everything = workspace / "all_labels"
-    result = calculate(workspace, everything, "--all-labels", "--folders", "noisy")
+    result = calculate_here(workspace, everything, "--all-labels", "--folders", "noisy", capfd=capfd,
+                            monkeypatch=monkeypatch)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Create label subset for all 3 classes... finished") == 1
     scores = np.load(everything / "noisy" / "2" / "1.npy", allow_pickle=True).item()
@@ -360,7 +386,7 @@ def test_all_labels_scores_the_whole_training_set(workspace, full_run):
         assert scores[key] == pytest.approx(per_label[key], rel=1e-5, abs=1e-8)
 
 
-def test_test_label_without_training_images_is_refused(tmp_path, workspace):
+def test_test_label_without_training_images_is_refused(tmp_path, workspace, capfd, monkeypatch):
     # ImageNet labelling accepts any of the 1000 classes in a test folder; label 5 has no
     # training images here, so there is nothing to score for it.
     make_class_folders(tmp_path / "train", {"n01440764": 2, "n01443537": 2}, size=(SIZE, SIZE))
@@ -368,10 +394,8 @@ def test_test_label_without_training_images_is_refused(tmp_path, workspace):
     prepared = run_script("prepare_data.py", "-tr", tmp_path / "train", "-ts", tmp_path / "orig",
                           "-o", tmp_path, "--image-size", str(SIZE))
     assert prepared.returncode == 0, prepared.stderr
-    result = run_script(
-        "calculate.py", "--train", tmp_path / "train.npz", "--test", tmp_path / "test.npz",
-        "--model", workspace / "model.keras", "--output-dir", tmp_path / "out",
-    )
+    result = calculate_main(["--train", tmp_path / "train.npz", "--test", tmp_path / "test.npz",
+                             "--model", workspace / "model.keras", "--output-dir", tmp_path / "out"], capfd, monkeypatch)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no training images with label 5 (electric_ray)" in lines[0]
@@ -379,13 +403,14 @@ def test_test_label_without_training_images_is_refused(tmp_path, workspace):
     assert not (tmp_path / "out").exists()
 
 
-def test_feature_cache_gives_the_whole_models_scores_and_is_reused(workspace, tmp_path):
+def test_feature_cache_gives_the_whole_models_scores_and_is_reused(workspace, tmp_path, capfd, monkeypatch):
     top = ["--last-layers", "1", "--all-labels", "--folders", "orig"]  # one pass scores both test images of label 0
-    cached = calculate(workspace, tmp_path / "cached", *top, "--feature-cache", "on")
+    here = dict(capfd=capfd, monkeypatch=monkeypatch)
+    cached = calculate_here(workspace, tmp_path / "cached", *top, "--feature-cache", "on", **here)
     assert cached.returncode == 0, cached.stderr
     assert "Feature cache: cut at the output of 'flatten'" in cached.stdout
     assert "(built in" in cached.stdout and str(workspace / "feature-cache") in cached.stdout
-    whole = calculate(workspace, tmp_path / "whole", *top, "--feature-cache", "off")
+    whole = calculate_here(workspace, tmp_path / "whole", *top, "--feature-cache", "off", **here)
     assert whole.returncode == 0, whole.stderr
     assert "Feature cache" not in whole.stdout
     for folder, label, number in [item for item in EXPECTED_ITEMS if item[0] == "orig"]:
@@ -396,13 +421,14 @@ def test_feature_cache_gives_the_whole_models_scores_and_is_reused(workspace, tm
         largest = max(abs(value) for value in expected.values())
         assert largest > 0
         assert max(abs(got[key] - expected[key]) for key in expected) <= 1e-4 * largest
-    again = calculate(workspace, tmp_path / "again", *top)  # auto: the same cut, the cache reused
+    again = calculate_here(workspace, tmp_path / "again", *top, **here)  # auto: the same cut, the cache reused
     assert again.returncode == 0, again.stderr
     assert "(reused)" in again.stdout and "(built in" not in again.stdout
 
 
-def test_ekfac_method_fits_once_per_archive_and_records_its_damping(workspace, tmp_path):
-    first = calculate(workspace, tmp_path / "a", "--method", "ekfac", "--folders", "noisy")
+def test_ekfac_method_fits_once_per_archive_and_records_its_damping(workspace, tmp_path, capfd, monkeypatch):
+    here = dict(capfd=capfd, monkeypatch=monkeypatch)
+    first = calculate_here(workspace, tmp_path / "a", "--method", "ekfac", "--folders", "noisy", **here)
     assert first.returncode == 0, first.stderr
     assert "EK-FAC factors written to" in first.stdout
     record = json.loads((tmp_path / "a" / "noisy" / "2" / "1.json").read_text())
@@ -411,7 +437,7 @@ def test_ekfac_method_fits_once_per_archive_and_records_its_damping(workspace, t
     scores = np.load(tmp_path / "a" / "noisy" / "2" / "1.npy", allow_pickle=True).item()
     assert all(np.isfinite(list(scores.values()))) and len(set(scores.values())) > 1
     # Another output tree on the same archive and model: the factor file is reused, same scores.
-    second = calculate(workspace, tmp_path / "b", "--method", "ekfac", "--folders", "noisy")
+    second = calculate_here(workspace, tmp_path / "b", "--method", "ekfac", "--folders", "noisy", **here)
     assert second.returncode == 0, second.stderr
     assert "EK-FAC factors reused from" in second.stdout
     assert np.load(tmp_path / "b" / "noisy" / "2" / "1.npy", allow_pickle=True).item() == scores
@@ -509,10 +535,10 @@ def test_scores_that_rank_nothing_are_reported_not_drawn(tmp_path, workspace):
     assert any(line.startswith("No ranking for 4 test images") for line in lines)
 
 
-def test_write_error_is_one_line(tmp_path, workspace):
+def test_write_error_is_one_line(tmp_path, workspace, capfd, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out/noisy").write_text("a file where a folder should go")
-    result = calculate(workspace, tmp_path / "out", "--folders", "noisy")
+    result = calculate_here(workspace, tmp_path / "out", "--folders", "noisy", capfd=capfd, monkeypatch=monkeypatch)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("calculate.py: error: cannot write into "), result.stderr
