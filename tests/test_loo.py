@@ -76,7 +76,8 @@ def test_scores_predict_leave_one_out_retraining():
     variables = params.select(model)
     v = hvp.loss_gradient(model, variables, *z_test)
     hvp_fn = hvp.training_hvp(model, variables, MinibatchSampler.from_arrays(x, y, N_TRAIN))  # full batch
-    lissa = ihvp.lissa(hvp_fn, v, depth=3000, damping=0.0, scale="auto")
+    # Converged to float32 by ~1,000 steps here (relative error 4e-6 at 1,000, 3.4e-6 from 1,500 on).
+    lissa = ihvp.lissa(hvp_fn, v, depth=1500, damping=0.0, scale="auto")
     exact = ihvp.exact_solve(hvp_fn, v, damping=0.0)
     s_error = np.linalg.norm(flat(lissa.s_test) - flat(exact.s_test)) / np.linalg.norm(flat(exact.s_test))
     assert s_error < 1e-4
