@@ -153,6 +153,24 @@ def _lissa_step(v, h, hv, keep, inv_scale, tail=None):
     return updated, [ti + ui for ti, ui in zip(tail, updated)], norm
 
 
+def _graph_dot(a: Vector, b: Vector) -> tf.Tensor:
+    """:func:`_dot` inside a compiled function: float64 across float32 partial sums."""
+    return tf.add_n([tf.reduce_sum(tf.cast(tf.reduce_sum(x * y, axis=-1) if x.shape.rank else x * y, tf.float64))
+                     for x, y in zip(a, b)])
+
+
+@tf.function(reduce_retracing=True)
+def _lanczos_update(q, w, q_prev, beta):
+    """After the product ``w = H q``: ``alpha = q.w``, ``w - alpha q - beta q_prev`` (no
+    ``q_prev`` at the first step) and its norm, in one compiled call (a third fewer passes
+    over the vectors than the same operations one by one)."""
+    alpha = _graph_dot(q, w)
+    w = [wi - tf.cast(alpha, wi.dtype) * qi for wi, qi in zip(w, q)]
+    if q_prev is not None:
+        w = [wi - tf.cast(beta, wi.dtype) * pi for wi, pi in zip(w, q_prev)]
+    return w, alpha, tf.sqrt(tf.maximum(_graph_dot(w, w), 0.0))
+
+
 # -- scale -------------------------------------------------------------------------------
 
 def estimate_scale(hvp_fn: HvpFn, *, like: Vector, damping: float = 0.0,
@@ -225,16 +243,12 @@ def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: 
     values = vectors = residuals = None
     ritz, settled = [], False
     for step in range(max(2, iterations)):
-        w = list(hvp_fn(q))
-        alpha = _dot(q, w)
+        w, alpha, beta = _lanczos_update(q, list(hvp_fn(q)), q_prev, tf.constant(beta, tf.float64))
+        alpha, beta = float(alpha), float(beta)
         if not math.isfinite(alpha):
             raise LissaDivergedError("the Hessian-vector product is not finite (NaN or inf): "
                                      "check the model's weights and the input images")
-        w = _axpy(-alpha, q, w)
-        if q_prev is not None:
-            w = _axpy(-beta, q_prev, w)
         alphas.append(alpha)
-        beta = _norm(w)
         betas.append(beta)
         k = len(alphas)
         tridiagonal = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
