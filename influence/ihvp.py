@@ -117,6 +117,15 @@ def _scaled(alpha: float, x: Vector) -> list[tf.Tensor]:
     return [alpha * xi for xi in x]
 
 
+def _random_unit(like: Vector, seed: int) -> list[tf.Tensor]:
+    """A random unit vector shaped like ``like``: a power iteration's or a Lanczos start.
+    Drawn by TensorFlow's counter-based (stateless) generator, part ``i`` from ``(seed, i)``:
+    the same vector in every run, without NumPy's single-threaded float64 draw (seconds on VGG16)."""
+    parts = [tf.random.stateless_normal(tuple(part.shape), seed=[seed, index], dtype=part.dtype)
+             for index, part in enumerate(like)]
+    return _scaled(1.0 / _norm(parts), parts)
+
+
 def flatten(vector: Vector) -> np.ndarray:
     """One (N,) float64 array from a list of tensors."""
     return np.concatenate([np.asarray(part, dtype=np.float64).ravel() for part in vector])
@@ -133,12 +142,34 @@ def unflatten(flat: np.ndarray, like: Vector) -> list[tf.Tensor]:
 
 
 @tf.function(reduce_retracing=True)
-def _lissa_step(v, h, hv, keep, inv_scale):
-    """``h_new = v + keep * h - inv_scale * hv`` and ``||h_new||``, in one compiled pass."""
+def _lissa_step(v, h, hv, keep, inv_scale, tail=None):
+    """``h_new = v + keep * h - inv_scale * hv``, ``tail + h_new`` (None without a ``tail``) and
+    ``||h_new||``, in one compiled call."""
     updated = [vi + keep * hi - inv_scale * hvi for vi, hi, hvi in zip(v, h, hv)]
     # In the vectors' own precision: the norm only watches convergence, and a float64 copy
     # of every VGG16-sized vector would cost more than the update itself.
-    return updated, tf.linalg.global_norm(updated)
+    norm = tf.linalg.global_norm(updated)
+    if tail is None:
+        return updated, None, norm
+    return updated, [ti + ui for ti, ui in zip(tail, updated)], norm
+
+
+def _graph_dot(a: Vector, b: Vector) -> tf.Tensor:
+    """:func:`_dot` inside a compiled function: float64 across float32 partial sums."""
+    return tf.add_n([tf.reduce_sum(tf.cast(tf.reduce_sum(x * y, axis=-1) if x.shape.rank else x * y, tf.float64))
+                     for x, y in zip(a, b)])
+
+
+@tf.function(reduce_retracing=True)
+def _lanczos_update(q, w, q_prev, beta):
+    """After the product ``w = H q``: ``alpha = q.w``, ``w - alpha q - beta q_prev`` (no
+    ``q_prev`` at the first step) and its norm, in one compiled call (a third fewer passes
+    over the vectors than the same operations one by one)."""
+    alpha = _graph_dot(q, w)
+    w = [wi - tf.cast(alpha, wi.dtype) * qi for wi, qi in zip(w, q)]
+    if q_prev is not None:
+        w = [wi - tf.cast(beta, wi.dtype) * pi for wi, pi in zip(w, q_prev)]
+    return w, alpha, tf.sqrt(tf.maximum(_graph_dot(w, w), 0.0))
 
 
 # -- scale -------------------------------------------------------------------------------
@@ -163,9 +194,7 @@ def estimate_scale(hvp_fn: HvpFn, *, like: Vector, damping: float = 0.0,
     if not margin * (2.0 - damping) > 1.0:
         raise UserError(f"scale margin {margin} is too small for damping {damping}: "
                         f"the recursion contracts only for a margin above {1.0 / (2.0 - damping):.3g}")
-    rng = np.random.default_rng(seed)
-    flat = rng.standard_normal(sum(int(np.prod(part.shape)) for part in like))
-    u = unflatten(flat / np.linalg.norm(flat), like)
+    u = _random_unit(like, seed)
     magnitudes = []
     for _ in range(iterations):
         hu = hvp_fn(u)
@@ -186,7 +215,7 @@ def estimate_scale(hvp_fn: HvpFn, *, like: Vector, damping: float = 0.0,
 
 
 def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: int = 0,
-                    tolerance: float = 1e-3, settle: float = 0.05, settle_window: int = 4,
+                    tolerance: float = 1e-3, settle: float = 0.05, settle_window: int = 4, settle_from: int = 10,
                     details: dict | None = None) -> tuple[float, float]:
     """``(lambda_min, lambda_max)``: the extreme eigenvalues of a symmetric operator, by Lanczos.
 
@@ -197,34 +226,30 @@ def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: 
     ``beta_k |y_k[-1]|`` (an eigenvalue of H lies within it), so the returned range errs wide,
     the safe side for a damping and a scale. Stops early once both bounds are below
     ``tolerance * max|Ritz value|``, or once the extreme Ritz values have settled: over the
-    last ``settle_window`` products (from the 8th on) the largest moved less than ``settle``
+    last ``settle_window`` products (from the ``settle_from``-th on) the largest moved less than ``settle``
     of itself and the smallest less than ``settle`` of ``max(|smallest|, 0.001 largest)``;
     then each is pushed out by its residual bound, at most ``settle`` of that scale. (A
     floor as large as the damping's 1% of the largest would let a smallest Ritz value still
-    near zero, before the negative curvature has emerged, pass for settled.) On VGG16's top layers (a 21 M-weight Hessian whose extremes
-    converge slowly) this stops at 8 products instead of 30. Three vectors in memory (in the variables' own dtype, dots
-    in float64): no reorthogonalisation, since lost orthogonality duplicates converged Ritz
-    values, it does not move the extremes.
+    near zero, before the negative curvature has emerged, pass for settled; and from some starts
+    the largest Ritz value stalls for a few products at the next eigenvalue down, which
+    settling from the 8th product took for the top, 7% low.) On VGG16's top layers (a 21 M-weight
+    Hessian whose extremes converge slowly) this stops at 10 products instead of 30. Three
+    vectors in memory (in the variables' own dtype, dots in float64): no reorthogonalisation,
+    since lost orthogonality duplicates converged Ritz values, it does not move the extremes.
     """
-    rng = np.random.default_rng(seed)
-    q = [tf.constant(rng.standard_normal(tuple(part.shape)), part.dtype) for part in like]
-    q = _scaled(1.0 / _norm(q), q)
+    q = _random_unit(like, seed)
     q_prev = None
     alphas, betas = [], []
     beta = 0.0
     values = vectors = residuals = None
     ritz, settled = [], False
     for step in range(max(2, iterations)):
-        w = list(hvp_fn(q))
-        alpha = _dot(q, w)
+        w, alpha, beta = _lanczos_update(q, list(hvp_fn(q)), q_prev, tf.constant(beta, tf.float64))
+        alpha, beta = float(alpha), float(beta)
         if not math.isfinite(alpha):
             raise LissaDivergedError("the Hessian-vector product is not finite (NaN or inf): "
                                      "check the model's weights and the input images")
-        w = _axpy(-alpha, q, w)
-        if q_prev is not None:
-            w = _axpy(-beta, q_prev, w)
         alphas.append(alpha)
-        beta = _norm(w)
         betas.append(beta)
         k = len(alphas)
         tridiagonal = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
@@ -236,7 +261,7 @@ def curvature_range(hvp_fn: HvpFn, *, like: Vector, iterations: int = 30, seed: 
         if k >= 4 and max(residuals[0], residuals[-1]) <= tolerance * size:
             break
         ritz.append((values[0], values[-1]))
-        if k >= max(8, settle_window + 1) and _settled(ritz[-settle_window - 1:], settle):
+        if k >= max(settle_from, settle_window + 1) and _settled(ritz[-settle_window - 1:], settle):
             settled = True
             break
         q_prev, q = q, _scaled(1.0 / beta, w)
@@ -408,13 +433,14 @@ def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float 
         h = list(v)
         tail = None
         for step in range(depth):
-            h, norm = _lissa_step(v, h, hvp_fn(h), keep, inv_scale)
+            # tail: the sum of the iterates averaged so far (from step depth - averaged on)
+            h, summed, norm = _lissa_step(v, h, hvp_fn(h), keep, inv_scale, tail)
             norm = float(norm)
             norms[run, step] = norm
             if not math.isfinite(norm) or norm > bound:
                 raise LissaDivergedError(_divergence_message(norm, bound, run, step, scale, damping))
             if step >= depth - averaged:
-                tail = h if tail is None else [a + b for a, b in zip(tail, h)]
+                tail = h if tail is None else summed
             if callback is not None:
                 callback(run * depth + step + 1, repeat * depth, norm)
         estimate = _scaled(1.0 / (scale * averaged), tail)  # this run's s_test

@@ -356,6 +356,10 @@ def _write(files, item, test_id, explanation, *, train, engine, loaded, settings
             **settings.as_dict(),
             "hvp_form": engine.hvp_form,
             "parameters": engine.parameters,
+            # Where the training images' features came from (None: the whole model ran on the images).
+            "feature_cache": None if engine.features is None else {
+                "path": str(engine.features.path), "cut": engine.features.key.get("cut"),
+                "dtype": str(engine.features.stored_dtype)},
             "model": loaded.description,
             "model_source": str(loaded.source) if loaded.source else None,
             "model_sha256": loaded.sha256,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,30 @@ def file_hashes(path: str | os.PathLike) -> tuple[str, str]:
     return sha256.hexdigest(), md5.hexdigest()
 
 
+class _BackgroundHash:
+    """:func:`file_hashes` of one file on a daemon thread, started now: file reads and hashlib
+    release the GIL, so hashing a 528 MB weights file overlaps building the model and loading
+    those weights instead of following them. ``result()`` waits for it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._hashes: tuple[str, str] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), name="file-hashes", daemon=True)
+        self._thread.start()
+
+    def _run(self, path) -> None:
+        try:
+            self._hashes = file_hashes(path)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller by result()
+            self._error = error
+
+    def result(self) -> tuple[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hashes
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
@@ -255,10 +280,11 @@ def _load_vgg16(weights: str | os.PathLike | None, preprocess_name: str, outputs
     else:
         path = _existing_file(weights, "weights file", WEIGHTS_SUFFIXES)
     _check_hdf5(path, "weights file")
+    hashes = _BackgroundHash(path)
     # weights=None: build only; Keras's own "imagenet" option would try to download.
     model = keras.applications.VGG16(weights=None)
     _load_weights(model, path)
-    sha256, md5 = file_hashes(path)
+    sha256, md5 = hashes.result()
     genuine = md5 == VGG16_WEIGHTS_MD5
     description = "VGG16 (ImageNet weights)" if genuine else f"VGG16 (weights {path.name})"
     return LoadedModel(
@@ -293,6 +319,7 @@ def _load_saved_model(
                 f"model file {path} holds weights but no model architecture; save the whole model "
                 f"(model.save), or pass VGG16 weights with --weights instead of --model"
             )
+    model_hashes = _BackgroundHash(path)
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:  # any failure here is the file's: report it, no traceback
@@ -301,15 +328,16 @@ def _load_saved_model(
         raise UserError(f"model file {path} holds a {type(model).__name__}, not a Keras model")
     input_size, num_classes = _check_classifier_shapes(model, path)
     from_logits = _from_logits(model, path, outputs)
-    model_sha256, _ = file_hashes(path)
+    model_sha256, _ = model_hashes.result()
     files = {str(path): model_sha256}
     source, sha256 = str(path), model_sha256
     description = f"model {path.name}"
     if weights is not None:
         weights_path = _existing_file(weights, "weights file", WEIGHTS_SUFFIXES)
         _check_hdf5(weights_path, "weights file")
+        weights_hashes = _BackgroundHash(weights_path)
         _load_weights(model, weights_path)
-        sha256, _ = file_hashes(weights_path)
+        sha256, _ = weights_hashes.result()
         files[str(weights_path)] = sha256
         source = str(weights_path)
         description = f"model {path.name} (weights {weights_path.name})"

@@ -49,6 +49,7 @@ class TrainingCurvature:
     seed: int = 0
     full_hvp_fn: ihvp.HvpFn | None = None
     echo: Callable[..., None] = print
+    form: str = "auto"  # the Hessian-vector product's form (hvp.FORMS), for every product a solver makes
     # What preparing found about this curvature (the Lanczos range, keyed by its settings),
     # so that solvers prepared on the same run share it.
     cache: dict = field(default_factory=dict)
@@ -57,7 +58,8 @@ class TrainingCurvature:
     def build(cls, model, variables, sampler: MinibatchSampler, *, seed: int = 0, form: str = "auto",
               echo: Callable[..., None] = print) -> "TrainingCurvature":
         return cls(model=model, variables=list(variables), sampler=sampler,
-                   hvp_fn=hvp.training_hvp(model, variables, sampler, form=form), seed=seed, echo=echo)
+                   hvp_fn=hvp.training_hvp(model, variables, sampler, form=form), seed=seed, echo=echo,
+                   form=form)
 
     def zeros(self) -> list[tf.Tensor]:
         return [tf.zeros_like(hvp.tf_variables([v])[0]) for v in self.variables]
@@ -186,7 +188,8 @@ def estimate_curvature(curvature: TrainingCurvature, *, sample: int = DEFAULT_CU
         indices = np.arange(count)
     else:
         indices = np.sort(np.random.default_rng(SCALE_STREAM).choice(count, sample, replace=False))
-    hvp_fn = hvp.dataset_hvp(curvature.model, curvature.variables, source, indices=indices, chunk_size=chunk_size)
+    hvp_fn = hvp.dataset_hvp(curvature.model, curvature.variables, source, indices=indices, chunk_size=chunk_size,
+                             form=curvature.form)
     if pairs:
         found = ihvp.lanczos(hvp_fn, like=curvature.zeros(), iterations=iterations, pairs=pairs, seed=SCALE_STREAM)
         left = found.values[:len(found.values) - len(found.top_values)]
@@ -288,7 +291,7 @@ class LissaSolver:
             sampler = sampler.with_probabilities(sampling.importance_probabilities(traces))
             echo(f" done ({time.perf_counter() - began:.1f} s)")
         hvp_fn = curvature.hvp_fn if sampler is curvature.sampler else hvp.training_hvp(
-            curvature.model, curvature.variables, sampler)
+            curvature.model, curvature.variables, sampler, form=curvature.form)
 
         echo("Curvature of the training Hessian (Lanczos)...", end="")
         sample = self.curvature_sample or self.auto_curvature_sample(curvature.sampler.batch_size)
@@ -585,7 +588,8 @@ class ExactSolver:
 def _full_hvp(curvature: TrainingCurvature, chunk_size: int = FULL_BATCH_CHUNK) -> ihvp.HvpFn:
     if curvature.full_hvp_fn is not None:
         return curvature.full_hvp_fn
-    return hvp.dataset_hvp(curvature.model, curvature.variables, curvature.sampler.source, chunk_size=chunk_size)
+    return hvp.dataset_hvp(curvature.model, curvature.variables, curvature.sampler.source, chunk_size=chunk_size,
+                           form=curvature.form)
 
 
 class PreparedDeterministic:

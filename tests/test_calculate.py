@@ -421,6 +421,10 @@ def test_feature_cache_gives_the_whole_models_scores_and_is_reused(workspace, tm
         largest = max(abs(value) for value in expected.values())
         assert largest > 0
         assert max(abs(got[key] - expected[key]) for key in expected) <= 1e-4 * largest
+        record = json.loads((tmp_path / "cached" / path.with_suffix(".json")).read_text())["settings"]["feature_cache"]
+        assert Path(record["path"]).parent == workspace / "feature-cache" and Path(record["path"]).is_file()
+        assert record["cut"]["layer"] == "flatten"
+        assert json.loads((tmp_path / "whole" / path.with_suffix(".json")).read_text())["settings"]["feature_cache"] is None
     again = calculate_here(workspace, tmp_path / "again", *top, **here)  # auto: the same cut, the cache reused
     assert again.returncode == 0, again.stderr
     assert "(reused)" in again.stdout and "(built in" not in again.stdout

@@ -61,9 +61,13 @@ def test_curvature_range_matches_the_explicit_hessian():
     eigenvalues = np.linalg.eigvalsh(explicit_hessian(model, variables, x, y))
     assert eigenvalues[0] < -0.01  # the case has negative curvature, else the test proves little
     hvp_fn = hvp.dataset_hvp(model, variables, ArraySource(x, y), chunk_size=16)
-    low, high = ihvp.curvature_range(hvp_fn, like=random_vector(variables), iterations=40)
-    assert low == pytest.approx(eigenvalues[0], rel=0.05, abs=1e-3)
-    assert high == pytest.approx(eigenvalues[-1], rel=0.02)
+    # Several starts: from some (seed 0 here), the largest Ritz value stalls for a few products
+    # at the next eigenvalue (1.59 against 1.75), which settling from the 8th product took for
+    # the top. The range may err wide, the safe side, but not narrow.
+    for seed in range(6):
+        low, high = ihvp.curvature_range(hvp_fn, like=random_vector(variables), iterations=40, seed=seed)
+        assert eigenvalues[0] * 1.05 <= low <= eigenvalues[0] * (1 - 1e-4), seed
+        assert eigenvalues[-1] * (1 - 1e-4) <= high <= eigenvalues[-1] * 1.05, seed
 
 
 def test_the_range_settles_only_once_both_ends_have_stopped_moving():
