@@ -192,20 +192,44 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
     next_batch = _next_batch_source(batches)
     dtypes = [variable.dtype for variable in tf_variables(variables)]
 
-    def hvp_fn(vec):
+    def next_inputs(vec):
         try:
             batch = next_batch()
         except StopIteration:
             raise UserError("the training minibatches ran out before LiSSA finished; "
                             "pass an endless source such as sampling.MinibatchSampler") from None
         x, y = as_batch(batch[0], batch[1])
-        vec = [tf.cast(part, dtype) for part, dtype in zip(vec, dtypes)]
-        if len(batch) > 2 and batch[2] is not None:
-            return product(x, y, vec, tf.constant(batch[2], tf.float32))
-        return product(x, y, vec)
+        weights = tf.constant(batch[2], tf.float32) if len(batch) > 2 and batch[2] is not None else None
+        return x, y, [tf.cast(part, dtype) for part, dtype in zip(vec, dtypes)], weights
+
+    def hvp_fn(vec):
+        x, y, vec, weights = next_inputs(vec)
+        return product(x, y, vec, weights)
+
+    def followed_by(update: Callable) -> Callable:
+        """``g(vec, *args) = update(vec, H_j vec, *args)`` on the next minibatch: the product and
+        ``update`` (tensors in, tensors out) in one compiled call, so that ``H_j vec`` never
+        has to be handed back and read again (a LiSSA step on VGG16's top layers: ~12% faster)."""
+        fused = compiled(model, variables, (f"followed_by/{form}", update),
+                         lambda model_ref, tf_vars: _build_followed_by(product, update))
+
+        def step(vec, *args):
+            x, y, vec, weights = next_inputs(vec)
+            return fused(x, y, weights, vec, *args)
+
+        return step
 
     hvp_fn.form = form
+    hvp_fn.followed_by = followed_by
     return hvp_fn
+
+
+def _build_followed_by(product: Callable, update: Callable) -> Callable:
+    @tf.function(reduce_retracing=True)
+    def fused(x, y, weights, vec, *args):
+        return update(vec, product(x, y, vec, weights), *args)
+
+    return fused
 
 
 def dataset_hvp(model: keras.Model, variables, source, *, indices=None, chunk_size: int = 64,

@@ -141,10 +141,9 @@ def unflatten(flat: np.ndarray, like: Vector) -> list[tf.Tensor]:
     return parts
 
 
-@tf.function(reduce_retracing=True)
-def _lissa_step(v, h, hv, keep, inv_scale, tail=None):
+def _lissa_update(h, hv, v, keep, inv_scale, tail):
     """``h_new = v + keep * h - inv_scale * hv``, ``tail + h_new`` (None without a ``tail``) and
-    ``||h_new||``, in one compiled call."""
+    ``||h_new||``: one LiSSA step after its product ``hv = H_j h`` (traced into a compiled call)."""
     updated = [vi + keep * hi - inv_scale * hvi for vi, hi, hvi in zip(v, h, hv)]
     # In the vectors' own precision: the norm only watches convergence, and a float64 copy
     # of every VGG16-sized vector would cost more than the update itself.
@@ -152,6 +151,9 @@ def _lissa_step(v, h, hv, keep, inv_scale, tail=None):
     if tail is None:
         return updated, None, norm
     return updated, [ti + ui for ti, ui in zip(tail, updated)], norm
+
+
+_lissa_step = tf.function(_lissa_update, reduce_retracing=True)
 
 
 def _graph_dot(a: Vector, b: Vector) -> tf.Tensor:
@@ -424,6 +426,10 @@ def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float 
     if not 0.0 <= average <= 1.0:
         raise UserError(f"LiSSA average must be a share of the iterates in [0, 1], not {average!r}")
     averaged = averaged_steps(depth, average)
+    if hasattr(hvp_fn, "followed_by"):  # the product and the update in one compiled call
+        advance = hvp_fn.followed_by(_lissa_update)
+    else:
+        advance = lambda h, *rest: _lissa_step(h, hvp_fn(h), *rest)  # noqa: E731
     norms = np.zeros((repeat, depth))
     total = None
     runs = []
@@ -434,7 +440,7 @@ def lissa(hvp_fn: HvpFn, v: Vector, *, depth: int, damping: float, scale: float 
         tail = None
         for step in range(depth):
             # tail: the sum of the iterates averaged so far (from step depth - averaged on)
-            h, summed, norm = _lissa_step(v, h, hvp_fn(h), keep, inv_scale, tail)
+            h, summed, norm = advance(h, v, keep, inv_scale, tail)
             norm = float(norm)
             norms[run, step] = norm
             if not math.isfinite(norm) or norm > bound:
