@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -136,7 +137,13 @@ def calculate(
             echo(f"{len(mismatched)} earlier outputs describe other test images or another training archive "
                  f"(e.g. {item.folder}/{item.label}/{item.number}.json was computed for "
                  f"{record.get('test_id', 'an unrecorded image')}); computing them again")
-        engine = explain.prepare_engine(train, loaded, settings, echo) if todo else None
+        with warnings.catch_warnings():
+            # resolve_damping echoes an indefinite damping as a WARNING line; the same Python
+            # warning on stderr would repeat it with a source line.
+            from influence.solvers import DampingWarning
+
+            warnings.simplefilter("ignore", DampingWarning)
+            engine = explain.prepare_engine(train, loaded, settings, echo) if todo else None
         test_sets = {name: test.folder(name) for name in {item.folder for item in todo}}
         failing = dict(output_dir=output_dir, test_sets=test_sets, engine=engine, settings=settings,
                        fingerprint=fingerprint, identity=identity, names=names, summary=summary, echo=echo)

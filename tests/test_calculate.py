@@ -367,6 +367,19 @@ def test_unreadable_vgg16_weights_fail_fast(bad_inputs, capfd, monkeypatch):
     assert not output_dir.exists()
 
 
+def test_an_indefinite_damping_is_one_warning_line(workspace, tmp_path, capfd, monkeypatch):
+    """The WARNING line on stdout, not a Python warning with its source line on stderr as well."""
+    from influence import solvers
+
+    monkeypatch.setattr(solvers.CurvatureEstimate, "margin", lambda self, damping: -1.0)  # as if indefinite
+    result = calculate_here(workspace, tmp_path / "out", "--damping", "0.5", "--folders", "noisy",
+                            capfd=capfd, monkeypatch=monkeypatch)
+    assert result.returncode == 0, result.stderr
+    assert sum(line.startswith("WARNING: damping 0.5 leaves H + damping I indefinite")
+               for line in result.stdout.splitlines()) == 1
+    assert "Warning" not in result.stderr and "resolve_damping" not in result.stderr
+
+
 def test_all_labels_scores_the_whole_training_set(workspace, full_run, capfd, monkeypatch):
     from influence import archive
 
