@@ -156,6 +156,16 @@ def _lissa_update(h, hv, v, keep, inv_scale, tail):
 _lissa_step = tf.function(_lissa_update, reduce_retracing=True)
 
 
+def _power_update(u, hu):
+    """A power-iteration step after its product ``hu = H_j u``: ``hu / ||hu||`` (zero for a zero
+    ``hu``) and ``||hu||`` (float64 across float32 partial sums)."""
+    magnitude = tf.sqrt(tf.maximum(_graph_dot(hu, hu), 0.0))
+    return [tf.math.divide_no_nan(part, tf.cast(magnitude, part.dtype)) for part in hu], magnitude
+
+
+_power_step = tf.function(_power_update, reduce_retracing=True)
+
+
 def _graph_dot(a: Vector, b: Vector) -> tf.Tensor:
     """:func:`_dot` inside a compiled function: float64 across float32 partial sums."""
     return tf.add_n([tf.reduce_sum(tf.cast(tf.reduce_sum(x * y, axis=-1) if x.shape.rank else x * y, tf.float64))
@@ -197,17 +207,20 @@ def estimate_scale(hvp_fn: HvpFn, *, like: Vector, damping: float = 0.0,
         raise UserError(f"scale margin {margin} is too small for damping {damping}: "
                         f"the recursion contracts only for a margin above {1.0 / (2.0 - damping):.3g}")
     u = _random_unit(like, seed)
+    if hasattr(hvp_fn, "followed_by"):  # the product and the normalisation in one compiled call
+        advance = hvp_fn.followed_by(_power_update)
+    else:
+        advance = lambda u: _power_step(u, hvp_fn(u))  # noqa: E731
     magnitudes = []
     for _ in range(iterations):
-        hu = hvp_fn(u)
-        magnitude = _norm(hu)
+        u, magnitude = advance(u)
+        magnitude = float(magnitude)
         if not math.isfinite(magnitude):
             raise LissaDivergedError("the Hessian-vector product is not finite (NaN or inf): "
                                      "check the model's weights and the input images")
         magnitudes.append(magnitude)
         if magnitude == 0.0:
             break
-        u = _scaled(1.0 / magnitude, hu)
     late = magnitudes[len(magnitudes) // 2:]
     top = max(late) if statistic == "max" else float(np.mean(late))
     if top == 0.0:
