@@ -339,7 +339,7 @@ def trunk_features_fn(cut: Cut, preprocess: Callable) -> Callable:
     """``(k, H, W, 3) uint8 -> (k, *cut.shape) float32``: the preprocessing and the trunk, compiled."""
     trunk = compiled_trunk(cut.trunk)
     dtype = cut.trunk.inputs[0].dtype
-    return lambda images: np.asarray(trunk(tf.convert_to_tensor(preprocess(images), dtype)), dtype=np.float32)
+    return lambda images: np.asarray(trunk(tf.cast(preprocess(images), dtype)), dtype=np.float32)
 
 
 def train_features(train, *, cut: Cut, preprocess: Callable, preprocess_name: str, model: str | list,
