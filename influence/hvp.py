@@ -13,9 +13,11 @@ samples. ``H_B v`` is computed without ever forming ``H_B``, in one of two forms
   the older suite's "sumup gradients").
 
 Both give the same vector; ``benchmarks/bench_engine.py`` times them, and ``"auto"`` is
-forward-over-backward: as fast as the other on VGG16 and lighter on memory. Every
+forward-over-backward: as fast as the other on VGG16 and lighter on memory (on a head over
+cached features the engine asks for the summed gradient, the faster there). Every
 function is a ``tf.function`` compiled once per model and variable selection, so a run
-of thousands of products traces once (twice if the last batch is smaller).
+of thousands of products traces a handful of times (per batch shape, and per update that
+``training_hvp``'s ``followed_by`` fuses with the product), not once per product.
 """
 
 from __future__ import annotations
@@ -209,7 +211,7 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
     def followed_by(update: Callable) -> Callable:
         """``g(vec, *args) = update(vec, H_j vec, *args)`` on the next minibatch: the product and
         ``update`` (tensors in, tensors out) in one compiled call, so that ``H_j vec`` never
-        has to be handed back and read again (a LiSSA step on VGG16's top layers: ~12% faster)."""
+        has to be handed back and read again (a LiSSA step on VGG16's top layers: 6-8% faster)."""
         fused = compiled(model, variables, (f"followed_by/{form}", update),
                          lambda model_ref, tf_vars: _build_followed_by(product, update))
 

@@ -34,6 +34,33 @@ def test_hvp_equals_explicit_hessian_with_regulariser(form, softmax):
 
 
 @pytest.mark.parametrize("form", ["forward_over_backward", "summed_gradient"])
+def test_a_product_followed_by_the_lissa_update_is_one_step_with_importance_weights(form):
+    """``followed_by`` (the product and an update in one compiled call, what LiSSA runs) on a
+    weighted minibatch: one step ``v + keep h - (sum_i w_i H_i + H_reg) h / scale`` exactly."""
+    from influence import ihvp
+
+    model = mlp(softmax=True, regularise=0.05)
+    x, y = tabular_data(4)
+    weights = np.array([0.1, 0.4, 0.2, 0.3], np.float32)
+    variables = params.select(model)
+    hvp_fn = hvp.training_hvp(model, variables, iter([(x, y, weights)] * 2), form=form)
+    v, h = random_vector(variables, seed=5), random_vector(variables, seed=6)
+    keep, inv_scale = tf.constant(0.9), tf.constant(0.25)
+    step = hvp_fn.followed_by(ihvp._lissa_update)  # noqa: SLF001
+    updated, tail, norm = step(h, v, keep, inv_scale, None)
+    assert tail is None
+    summed = step(h, v, keep, inv_scale, list(v))[1]  # the tail: v + the updated iterate
+    with_regulariser = explicit_hessian(model, variables, x[:1], y[:1])
+    hessian = (with_regulariser - explicit_hessian(model, variables, x[:1], y[:1], regularisers=False)
+               + sum(w * explicit_hessian(model, variables, x[i:i + 1], y[i:i + 1], regularisers=False)
+                     for i, w in enumerate(weights)))
+    expected = flat(v) + 0.9 * flat(h) - 0.25 * hessian @ flat(h)
+    np.testing.assert_allclose(flat(updated), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(flat(summed), flat(v) + expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert float(norm) == pytest.approx(np.linalg.norm(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["forward_over_backward", "summed_gradient"])
 def test_hvp_on_a_cnn_and_on_selected_layers(form):
     model = small_cnn(regularise=0.01)
     x, y = image_data(10)
