@@ -77,7 +77,7 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
     sampler = sampling.MinibatchSampler(source or sampling.ArchiveSource(train, loaded.preprocess),
                                         settings.solver.batch_size_for(params.count(variables)))
     # On a head over cached features the summed-gradient product is the faster (VGG16's
-    # fc2+predictions: a LiSSA step 13% faster, docs/feature-cache.md); forward-over-backward's
+    # fc2+predictions: a LiSSA step 7% faster, docs/feature-cache.md); forward-over-backward's
     # lower memory (0.4-1 GiB on VGG16 with every weight, docs/benchmarks.md) tells where a
     # product holds a convolutional network's activations, less on a head. Recorded as hvp_form.
     form = hvp.SUMMED_GRADIENT if cache is not None else "auto"
