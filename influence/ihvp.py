@@ -92,16 +92,17 @@ class SolveResult:
 
 # -- small vector algebra on lists of tensors -------------------------------------------
 
+def _graph_dot(a: Vector, b: Vector) -> tf.Tensor:
+    """``a . b`` as a float64 scalar tensor: products and partial sums over the last axis in the
+    vectors' own precision, the rest in float64 (each partial sums at most one kernel row,
+    4,096 terms on VGG16, and no float64 copy of a VGG16-sized vector is made). Eager, or
+    traced into a compiled step."""
+    return tf.add_n([tf.reduce_sum(tf.cast(tf.reduce_sum(x * y, axis=-1) if x.shape.rank else x * y, tf.float64))
+                     for x, y in ((tf.convert_to_tensor(x), tf.convert_to_tensor(y)) for x, y in zip(a, b))])
+
+
 def _dot(a: Vector, b: Vector) -> float:
-    # Products and partial sums over the last axis in the vectors' own precision, the rest in
-    # float64: each partial sums at most one kernel row (4,096 terms on VGG16), and no float64
-    # copy of a VGG16-sized vector is made. Eager: a few ops per variable, no tracing per run.
-    total = 0.0
-    for x, y in zip(a, b):
-        x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
-        partial = tf.reduce_sum(x * y, axis=-1) if x.shape.rank else x * y
-        total += float(tf.reduce_sum(tf.cast(partial, tf.float64)))
-    return total
+    return float(_graph_dot(a, b))
 
 
 def _norm(a: Vector) -> float:
@@ -164,12 +165,6 @@ def _power_update(u, hu):
 
 
 _power_step = tf.function(_power_update, reduce_retracing=True)
-
-
-def _graph_dot(a: Vector, b: Vector) -> tf.Tensor:
-    """:func:`_dot` inside a compiled function: float64 across float32 partial sums."""
-    return tf.add_n([tf.reduce_sum(tf.cast(tf.reduce_sum(x * y, axis=-1) if x.shape.rank else x * y, tf.float64))
-                     for x, y in zip(a, b)])
 
 
 @tf.function(reduce_retracing=True)
