@@ -98,7 +98,7 @@ def prepare_engine(train, loaded, settings: Settings, echo: Callable[..., None])
     else:
         prepared = solver.prepare(curvature)
     return Engine(model=model, preprocess=preprocess, variables=variables, prepared=prepared,
-                  hvp_form=getattr(curvature.hvp_fn, "form", "auto"), features=cache)
+                  hvp_form=curvature.form, features=cache)
 
 
 @dataclass

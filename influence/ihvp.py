@@ -101,12 +101,17 @@ def _graph_dot(a: Vector, b: Vector) -> tf.Tensor:
                      for x, y in ((tf.convert_to_tensor(x), tf.convert_to_tensor(y)) for x, y in zip(a, b))])
 
 
+def _graph_norm(a: Vector) -> tf.Tensor:
+    """``||a||`` as a float64 scalar tensor (:func:`_graph_dot`)."""
+    return tf.sqrt(tf.maximum(_graph_dot(a, a), 0.0))
+
+
 def _dot(a: Vector, b: Vector) -> float:
     return float(_graph_dot(a, b))
 
 
 def _norm(a: Vector) -> float:
-    return math.sqrt(max(_dot(a, a), 0.0))
+    return float(_graph_norm(a))
 
 
 def _axpy(alpha: float, x: Vector, y: Vector) -> list[tf.Tensor]:
@@ -160,7 +165,7 @@ _lissa_step = tf.function(_lissa_update, reduce_retracing=True)
 def _power_update(u, hu):
     """A power-iteration step after its product ``hu = H_j u``: ``hu / ||hu||`` (zero for a zero
     ``hu``) and ``||hu||`` (float64 across float32 partial sums)."""
-    magnitude = tf.sqrt(tf.maximum(_graph_dot(hu, hu), 0.0))
+    magnitude = _graph_norm(hu)
     return [tf.math.divide_no_nan(part, tf.cast(magnitude, part.dtype)) for part in hu], magnitude
 
 
@@ -176,7 +181,7 @@ def _lanczos_update(q, w, q_prev, beta):
     w = [wi - tf.cast(alpha, wi.dtype) * qi for wi, qi in zip(w, q)]
     if q_prev is not None:
         w = [wi - tf.cast(beta, wi.dtype) * pi for wi, pi in zip(w, q_prev)]
-    return w, alpha, tf.sqrt(tf.maximum(_graph_dot(w, w), 0.0))
+    return w, alpha, _graph_norm(w)
 
 
 # -- scale -------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ class TrainingCurvature:
     seed: int = 0
     full_hvp_fn: ihvp.HvpFn | None = None
     echo: Callable[..., None] = print
-    form: str = "auto"  # the Hessian-vector product's form (hvp.FORMS), for every product a solver makes
     # What preparing found about this curvature (the Lanczos range, keyed by its settings),
     # so that solvers prepared on the same run share it.
     cache: dict = field(default_factory=dict)
@@ -58,8 +57,12 @@ class TrainingCurvature:
     def build(cls, model, variables, sampler: MinibatchSampler, *, seed: int = 0, form: str = "auto",
               echo: Callable[..., None] = print) -> "TrainingCurvature":
         return cls(model=model, variables=list(variables), sampler=sampler,
-                   hvp_fn=hvp.training_hvp(model, variables, sampler, form=form), seed=seed, echo=echo,
-                   form=form)
+                   hvp_fn=hvp.training_hvp(model, variables, sampler, form=form), seed=seed, echo=echo)
+
+    @property
+    def form(self) -> str:
+        """The form of ``hvp_fn``'s products (``hvp.FORMS``), for every product a solver makes."""
+        return getattr(self.hvp_fn, "form", "auto")
 
     def zeros(self) -> list[tf.Tensor]:
         return [tf.zeros_like(hvp.tf_variables([v])[0]) for v in self.variables]
