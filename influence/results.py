@@ -23,7 +23,7 @@ import numpy as np
 
 from influence import outputs
 
-if TYPE_CHECKING:  # matplotlib only where figures are written: readers of the tree start fast
+if TYPE_CHECKING:  # the figure drawing (Pillow) is imported only where figures are written (write_item)
     from influence.figures import Panel
 
 RECORD_VERSION = 2
