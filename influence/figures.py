@@ -200,7 +200,8 @@ def _layout(*, heading: str, panels: list[Panel]) -> _Layout:
     lines = []
     top = MARGIN
     for text in _wrapped(heading_font.printable(heading), heading_font, int((width - 2 * MARGIN) / FONT_SPREAD)):
-        lines.append(_centred(text, heading_font, centre=width / 2, top=top))
+        if text:
+            lines.append(_centred(text, heading_font, centre=width / 2, top=top))
         top += heading_font.line_height
     titles = [[_shortened(text, title_font, int(TILE / FONT_SPREAD))
                for text in title_font.printable(panel.title).split("\n")] for panel in panels]
