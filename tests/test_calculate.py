@@ -183,9 +183,15 @@ def test_record_top_rows_are_the_dictionary_extremes(workspace, full_run):
 def test_figures_show_the_test_image_and_the_top_five(full_run):
     output_dir, _ = full_run
     with Image.open(output_dir / "orig" / "0" / "harmful_1.png") as figure:
-        width, height = figure.size
-    # One row of 1 + 5 panels, each 2.6 x 3.4 inches.
-    assert width / height == pytest.approx(6 * 2.6 / 3.4, rel=0.02)
+        pixels = np.asarray(figure.convert("RGB")).astype(int)  # (height, width, 3)
+    height, width, _ = pixels.shape
+    assert 4 < width / height < 7  # one row of square panels with titles above
+    ink = np.any(pixels < 250, axis=2)
+    band = ink[int(np.argmax(ink.sum(axis=1)))]  # a row through every panel
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], band.astype(int), [0]])))  # starts and ends of panels
+    assert len(edges) == 2 * 6  # the test image and five training images, side by side
+    blue = np.flatnonzero(np.all(np.abs(pixels - (0x1F, 0x77, 0xB4)) <= 8, axis=2).any(axis=0))
+    assert edges[0] <= blue[0] and blue[-1] < edges[1]  # only the first, the test image, framed in blue
 
 
 def test_scores_equal_the_engine(workspace, full_run):
