@@ -13,7 +13,8 @@ SVG's font, ``FONT_SPREAD``).
 Formats (from the path's suffix):
 
 - ``png``, ``jpg``: the raster drawing (``DPI`` pixels per inch).
-- ``pdf``: that raster drawing as one PDF page at ``DPI``: the text is pixels, not selectable.
+- ``pdf``: that raster drawing as one PDF page at ``DPI`` (JPEG-compressed, as Pillow writes
+  PDF images): the text is pixels, not selectable.
 - ``svg``: the same layout with vector text (``<text>``, font-family sans-serif, each line's
   length pinned to the width measured for the raster, so it fits whatever font the viewer
   picks) and each panel embedded as a PNG at its tile size, rendered pixelated when zoomed.
@@ -35,7 +36,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
@@ -61,7 +61,7 @@ FONT_SPREAD = 1.2
 _RASTER_OPTIONS = {
     "png": {"format": "PNG", "compress_level": 1, "dpi": (DPI, DPI)},
     "jpg": {"format": "JPEG", "quality": 90, "dpi": (DPI, DPI)},  # 90: frames and text without halos
-    "pdf": {"format": "PDF", "resolution": DPI},
+    "pdf": {"format": "PDF", "resolution": DPI, "quality": 90},  # Pillow stores the page as a JPEG
 }
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # no XML 1.0 document may hold these
 
@@ -237,6 +237,12 @@ def _raster(layout: _Layout) -> Image.Image:
     return canvas
 
 
+def _xml_text(text: str) -> str:
+    """``text`` as XML character data (escaped here: xml.sax.saxutils would import urllib.request,
+    ~40 ms of start-up)."""
+    return _XML_INVALID.sub("?", text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _svg(layout: _Layout) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
@@ -256,11 +262,10 @@ def _svg(layout: _Layout) -> str:
             f'fill="none" stroke="{tile.colour}" stroke-width="{tile.frame}"/>',
         ]
     for line in layout.lines:
-        text = escape(_XML_INVALID.sub("?", line.text))
         parts.append(
             f'<text x="{line.left + line.width / 2:g}" y="{line.baseline}" font-family="sans-serif" '
             f'font-size="{line.font.size}" text-anchor="middle" textLength="{line.width}" '
-            f'lengthAdjust="spacingAndGlyphs" xml:space="preserve">{text}</text>'
+            f'lengthAdjust="spacingAndGlyphs" xml:space="preserve">{_xml_text(line.text)}</text>'
         )
     parts.append("</svg>\n")
     return "\n".join(parts)
