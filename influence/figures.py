@@ -1,10 +1,11 @@
 """The harmful / useful figures: a test image beside its most influential training images.
 
-One row of square tiles, ``TILE`` pixels wide: the test image first, framed in blue and marked
+One row of tiles, ``TILE`` pixels wide: the test image first, framed in blue and marked
 "test image" underneath, then the training images in rank order, each in a thin dark frame.
 Every panel's title (a few short lines) stands above its tile and the heading is centred on
-top. Images of any size are fitted into their tile keeping their aspect, with nearest-neighbour
-resampling, so small images (8x8 digits) show their pixels as blocks.
+top. Images of any size are fitted into a ``TILE`` x ``TILE`` square keeping their aspect, with
+nearest-neighbour resampling, so small images (8x8 digits) show their pixels as blocks; the row
+is as tall as its tallest image.
 
 Text never leaves the figure: the heading wraps at the figure's width, and a title line wider
 than its tile keeps its end (the file name) behind an ellipsis (both with room to spare for the
@@ -16,8 +17,9 @@ Formats (from the path's suffix):
 - ``pdf``: that raster drawing as one PDF page at ``DPI`` (JPEG-compressed, as Pillow writes
   PDF images): the text is pixels, not selectable.
 - ``svg``: the same layout with vector text (``<text>``, font-family sans-serif, each line's
-  length pinned to the width measured for the raster, so it fits whatever font the viewer
-  picks) and each panel embedded as a PNG at its tile size, rendered pixelated when zoomed.
+  ``textLength`` pinned to the width measured for the raster; a viewer that ignores it still
+  has ``FONT_SPREAD`` room) and each panel embedded as a PNG at its tile size, rendered
+  pixelated when zoomed.
 
 Both drawings come from one :func:`_layout` (positions of tiles, frames and text lines), so
 they cannot disagree. The text is set in Pillow's built-in font (Aileron, FreeType): it covers
@@ -57,7 +59,7 @@ FRAME_ROOM = max(TEST_FRAME[1], TRAIN_FRAME[1])  # kept free around every image 
 # them in its own sans-serif, up to this much wider than Pillow's font (DejaVu Sans: 1.02-1.19x).
 FONT_SPREAD = 1.2
 
-# zlib level 1 instead of 6: the PNG written ~40% faster, ~1% larger (6 noise images, 1.25 MB)
+# zlib level 1 instead of 6: the PNG written ~3x faster, ~2% larger (6 noise images, 1.1 MB)
 _RASTER_OPTIONS = {
     "png": {"format": "PNG", "compress_level": 1, "dpi": (DPI, DPI)},
     "jpg": {"format": "JPEG", "quality": 90, "dpi": (DPI, DPI)},  # 90: frames and text without halos
