@@ -10,7 +10,6 @@ See the README for the sign convention, docs/method.md for how to pick depth, sc
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from influence import cli
@@ -225,4 +224,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, on_interrupt="finished test images are kept; run the same command again to resume"))
+    cli.exit_process(cli.run(main, on_interrupt="finished test images are kept; run the same command again to resume"))

@@ -10,7 +10,6 @@ and one page per test folder under <output_dir>/html/. See docs/results-store.md
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from influence import cli
@@ -55,4 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    cli.exit_process(cli.run(main))

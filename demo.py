@@ -7,12 +7,10 @@
 The demo itself lives in examples/digits/ (see its __init__.py for the steps).
 """
 
-import sys
-
 from influence import cli
 
 if __name__ == "__main__":
     cli.quiet_tensorflow()
     from examples.digits.run import main
 
-    sys.exit(cli.run(main))
+    cli.exit_process(cli.run(main))

@@ -9,7 +9,6 @@ See docs/scripts.md for the folder layout and labels, docs/formats.md for the ar
 from __future__ import annotations
 
 import argparse
-import sys
 
 from influence import cli
 
@@ -67,4 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    cli.exit_process(cli.run(main))

@@ -9,7 +9,6 @@ when it exists. See docs/scripts.md, "prepare_only_test.py".
 
 from __future__ import annotations
 
-import sys
 
 from influence import cli
 
@@ -38,4 +37,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    cli.exit_process(cli.run(main))

@@ -1,9 +1,10 @@
 """What the three command-line scripts share.
 
-Every script is ``sys.exit(cli.run(main))``: a :class:`~influence.errors.UserError`
+Every script is ``cli.exit_process(cli.run(main))``: a :class:`~influence.errors.UserError`
 or an argument mistake becomes one line on stderr and exit status 2, Ctrl-C or SIGTERM
 (to the process or to its whole group) becomes exit status 130 after the cleanup, and
-nothing prints a traceback for the user's mistakes.
+nothing prints a traceback for the user's mistakes. The process then ends without the
+interpreter's teardown (:func:`exit_process`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from influence import interrupts
 from influence.errors import UserError
@@ -140,3 +141,18 @@ def run(
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {on_interrupt}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the process with ``status`` once stdout and stderr are flushed, without the
+    interpreter's teardown: with TensorFlow and Keras loaded that takes about a second
+    (0.9-1.4 s after calculate.py on VGG16, against 0.09 s this way). Nothing is lost by
+    skipping it: by the time a script's ``main`` returns, every file it wrote is complete and
+    closed (atomic writes, ``with`` blocks) and its decoding workers are stopped (``finally``).
+    Only for a script's own process: a caller running ``main`` in-process keeps ``cli.run``."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (``| head``) or a closed stream: nothing to flush to
+            pass
+    os._exit(status)

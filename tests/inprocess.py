@@ -1,4 +1,4 @@
-"""A script's ``main`` run in the test process, as ``sys.exit(cli.run(main))`` runs it in its own.
+"""A script's ``main`` run in the test process, as ``cli.exit_process(cli.run(main))`` runs it in its own.
 
 Each script spends ~4 s importing TensorFlow before it reads its arguments; the pytest
 process has paid that once. What a separate process would add, and how it is kept here:

@@ -1,11 +1,9 @@
 """``python -m examples.digits``: the same as ``python demo.py``."""
 
-import sys
-
 from influence import cli
 
 if __name__ == "__main__":
     cli.quiet_tensorflow()
     from examples.digits.run import main
 
-    sys.exit(cli.run(main))
+    cli.exit_process(cli.run(main))
