@@ -23,6 +23,7 @@ Modules, each with one job:
 - ``claims``    one writer per output tree: the tree's settings claim and per-image claims
 - ``job``       the orchestrator behind ``calculate.py``
 - ``figures``, ``outputs``, ``progress``   figures, atomic writes and progress bars
+- ``graphs``    how every ``tf.function`` is compiled (no AutoGraph, fewer retraces)
 - ``cli``       what the three scripts share: error handling, shared arguments and quiet start-up
 - ``interrupts``  Ctrl-C and SIGTERM handled once, by the main process, where it is safe
 """

@@ -69,6 +69,7 @@ import tensorflow as tf
 
 from influence import losses, outputs, params
 from influence.errors import UserError
+from influence.graphs import graph_function
 from influence.progress import progress_bar
 from influence.solvers import Solution, TrainingCurvature
 
@@ -296,7 +297,7 @@ def _compiled(model, blocks, job: str, build: Callable) -> Callable:
 
 
 def _build_covariances(model_ref, layers, blocks):
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def covariances(x, seed):
         labels, activations, gradients = _forward(model_ref(), layers, blocks, x, None, seed)
         sums_a = [tf.einsum("bti,btj->ij", a, a) for a in activations]  # (d_a, d_a) summed over i, t
@@ -308,7 +309,7 @@ def _build_covariances(model_ref, layers, blocks):
 
 
 def _build_gradient_covariances(model_ref, layers, blocks):
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def gradient_covariances(x, seed):  # another label draw on the same batch: A is already counted
         labels, _, gradients = _forward(model_ref(), layers, blocks, x, None, seed, with_activations=False)
         return labels, [tf.einsum("bti,btj->ij", g, g) for g in gradients]
@@ -317,7 +318,7 @@ def _build_gradient_covariances(model_ref, layers, blocks):
 
 
 def _build_corrections(model_ref, layers, blocks):
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def corrections(x, labels, bases_a, bases_s):
         _, activations, gradients = _forward(model_ref(), layers, blocks, x, labels, None)
         sums = []

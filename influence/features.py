@@ -39,6 +39,7 @@ from keras.src.models.functional import Functional
 
 from influence import archive, feature_cache, hvp
 from influence.errors import UserError
+from influence.graphs import graph_function
 
 # -- the graph, nested models opened ------------------------------------------------------
 
@@ -331,7 +332,7 @@ def compiled_trunk(trunk: keras.Model) -> Callable:
     if trunk not in _COMPILED_TRUNKS:
         model_ref = weakref.ref(trunk)  # the cache must not keep the model alive
         spec = tf.TensorSpec((None, *trunk.inputs[0].shape[1:]), trunk.inputs[0].dtype)
-        _COMPILED_TRUNKS[trunk] = tf.function(lambda x: model_ref()(x, training=False), input_signature=[spec])
+        _COMPILED_TRUNKS[trunk] = graph_function(lambda x: model_ref()(x, training=False), input_signature=[spec])
     return _COMPILED_TRUNKS[trunk]
 
 

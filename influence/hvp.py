@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from influence import losses
 from influence.errors import UserError
+from influence.graphs import graph_function
 
 FORWARD_OVER_BACKWARD = "forward_over_backward"
 SUMMED_GRADIENT = "summed_gradient"
@@ -101,7 +102,7 @@ def _objective(model: keras.Model, x, y, weights=None, regularizer_weight=None) 
 
 
 def _build_loss_gradient(model_ref, tf_vars):
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def gradient(x, y):
         model = model_ref()
         with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -122,7 +123,7 @@ def loss_gradient(model: keras.Model, variables, x, y) -> list[tf.Tensor]:
 
 
 def _build_forward_over_backward(model_ref, tf_vars):
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def hvp(x, y, vec, weights=None, regularizer_weight=None):
         with tf.autodiff.ForwardAccumulator(primals=tf_vars, tangents=vec) as accumulator:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -135,7 +136,7 @@ def _build_forward_over_backward(model_ref, tf_vars):
 
 
 def _build_summed_gradient(model_ref, tf_vars):
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def hvp(x, y, vec, weights=None, regularizer_weight=None):
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(tf_vars)
@@ -227,7 +228,7 @@ def training_hvp(model: keras.Model, variables, batches, *, form: str = "auto"):
 
 
 def _build_followed_by(product: Callable, update: Callable) -> Callable:
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def fused(x, y, weights, vec, *args):
         return update(vec, product(x, y, vec, weights), *args)
 

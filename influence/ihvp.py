@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from influence.errors import UserError
+from influence.graphs import graph_function
 
 Vector = Sequence[tf.Tensor]  # one tensor per parameter variable
 HvpFn = Callable[[Vector], Vector]
@@ -159,7 +160,7 @@ def _lissa_update(h, hv, v, keep, inv_scale, tail):
     return updated, [ti + ui for ti, ui in zip(tail, updated)], norm
 
 
-_lissa_step = tf.function(_lissa_update, reduce_retracing=True)
+_lissa_step = graph_function(_lissa_update)
 
 
 def _power_update(u, hu):
@@ -169,10 +170,10 @@ def _power_update(u, hu):
     return [tf.math.divide_no_nan(part, tf.cast(magnitude, part.dtype)) for part in hu], magnitude
 
 
-_power_step = tf.function(_power_update, reduce_retracing=True)
+_power_step = graph_function(_power_update)
 
 
-@tf.function(reduce_retracing=True)
+@graph_function
 def _lanczos_update(q, w, q_prev, beta):
     """After the product ``w = H q``: ``alpha = q.w``, ``w - alpha q - beta q_prev`` (no
     ``q_prev`` at the first step) and its norm, in one compiled call (a third fewer passes
@@ -484,7 +485,7 @@ def unflat(flat_vector: tf.Tensor, like: Vector) -> list[tf.Tensor]:
     return [tf.reshape(piece, part.shape) for piece, part in zip(tf.split(flat_vector, sizes), like)]
 
 
-@tf.function(reduce_retracing=True)
+@graph_function
 def _deflated_step(v, x, hx, vectors, gain, damping, inv_scale):
     """``x + P (v - (H_j + damping) x)`` with ``P = V^T diag(gain + 1/s) V + (I - V^T V) / s``
     (``gain = 1/(theta + damping) - 1/s``), and the new iterate's norm."""

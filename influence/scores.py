@@ -26,10 +26,11 @@ import numpy as np
 import tensorflow as tf
 
 from influence import hvp, losses
+from influence.graphs import graph_function
 
 
 def _build_scorer(model_ref, tf_vars):
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def score(x, y, s_test):
         with tf.autodiff.ForwardAccumulator(primals=tf_vars, tangents=s_test) as accumulator:
             per_example = losses.per_example_loss(model_ref())(x, y)  # (B,)
@@ -57,7 +58,7 @@ def _build_group_scorer(model_ref, tf_vars):
             per_example = losses.per_example_loss(model_ref())(x, y)  # (B,)
         return accumulator.jvp(per_example, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    @tf.function(reduce_retracing=True)
+    @graph_function
     def score_group(x, y, stacked):
         if stacked[0].shape[0] == 1:  # one test image: pfor's bookkeeping would only cost time
             return one(x, y, [part[0] for part in stacked])[None]
