@@ -66,13 +66,16 @@ def test_scores_are_linear_in_s_test_and_match_the_gradient_of_the_mean():
     assert score(a).mean() == pytest.approx(mean_gradient @ flat(a), rel=1e-4)
 
 
-def test_group_scores_are_each_test_images_per_example_dot_products():
-    """Scoring a batch for several test images at once: row k is s_test_k . grad L(z_i)."""
+@pytest.mark.parametrize("unroll", [1, 3], ids=["vectorised", "one-pass-each"])
+def test_group_scores_are_each_test_images_per_example_dot_products(unroll):
+    """Scoring a batch for several test images at once: row k is s_test_k . grad L(z_i), whether
+    the 3 test vectors are vectorised over or scored one pass after another."""
     model = small_cnn(softmax=True)
     x, y = image_data(10)
     variables = params.select(model)
     s_tests = [random_vector(variables, seed=seed) for seed in (1, 2, 3)]
-    got = scores.influence_scores_many(model, variables, scores.stack_s_tests(s_tests, variables), x, y)
+    got = scores.influence_scores_many(model, variables, scores.stack_s_tests(s_tests, variables), x, y,
+                                       unroll=unroll)
     gradients = per_example_gradients(model, variables, x, y)  # (B, N)
     expected = np.stack([gradients @ flat(s_test) for s_test in s_tests])  # (m, B)
     assert got.shape == (3, 10)
