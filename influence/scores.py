@@ -60,8 +60,8 @@ def _build_group_scorer(model_ref, tf_vars, unroll: int):
 
     @graph_function
     def score_group(x, y, stacked):
-        m = stacked[0].shape[0]
-        if m <= unroll:  # one pass per test vector, each with its own primal pass
+        m = stacked[0].shape[0]  # None once groups of several sizes have been scored (reduce_retracing)
+        if m is not None and m <= unroll:  # one pass per test vector, each with its own primal pass
             return tf.stack([one(x, y, [part[k] for part in stacked]) for k in range(m)])  # (m, B)
         # The primal pass does not depend on the tangents: pfor computes it once for all m,
         # and the m tangent products become batched matrix products.

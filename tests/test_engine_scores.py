@@ -82,3 +82,18 @@ def test_group_scores_are_each_test_images_per_example_dot_products(unroll):
     summands = np.stack([np.abs(gradients) @ np.abs(flat(s_test)) for s_test in s_tests])
     np.testing.assert_array_less(np.abs(got - expected), 2e-5 * summands + 1e-7)
     assert np.std(expected[0] - expected[1]) > 10 * np.abs(got - expected).max()  # rows differ measurably
+
+
+def test_groups_of_changing_sizes_share_one_scorer():
+    """Groups of 1, 3 and 2 test vectors through one compiled scorer (unrolled up to 2): once
+    it has seen two sizes its group dimension is unknown, and every group is still scored right."""
+    model = small_cnn(softmax=True)
+    x, y = image_data(6)
+    variables = params.select(model)
+    gradients = per_example_gradients(model, variables, x, y)  # (B, N)
+    for m in (1, 3, 2):
+        s_tests = [random_vector(variables, seed=10 * m + k) for k in range(m)]
+        got = scores.influence_scores_many(model, variables, scores.stack_s_tests(s_tests, variables), x, y, unroll=2)
+        expected = np.stack([gradients @ flat(s_test) for s_test in s_tests])
+        summands = np.stack([np.abs(gradients) @ np.abs(flat(s_test)) for s_test in s_tests])
+        np.testing.assert_array_less(np.abs(got - expected), 2e-5 * summands + 1e-7)
