@@ -3,7 +3,7 @@
 One row of tiles, ``TILE`` pixels wide: the test image first, framed in blue and marked
 "test image" underneath, then the training images in rank order, each in a thin dark frame.
 Every panel's title (a few short lines) stands above its tile and the heading is centred on
-top. Images of any size are fitted into a ``TILE`` x ``TILE`` square keeping their aspect, with
+top. Images of any size are fitted, frame included, into a ``TILE`` x ``TILE`` square keeping their aspect, with
 nearest-neighbour resampling, so small images (8x8 digits) show their pixels as blocks; the row
 is as tall as its tallest image.
 

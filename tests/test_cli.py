@@ -1,0 +1,28 @@
+"""How a script's process ends: cli.exit_process."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(*args, code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_exit_process_flushes_piped_output_and_keeps_the_status():
+    # 200,000 characters into a pipe: most of them wait in stdout's buffer until it is flushed.
+    done = run_python(code="import sys\nfrom influence import cli\nsys.stdout.write('x' * 200_000)\n"
+                           "print('to stderr', file=sys.stderr, end='')\ncli.exit_process(3)")
+    assert done.returncode == 3
+    assert done.stdout == "x" * 200_000 and done.stderr == "to stderr"
+
+
+def test_exit_process_under_a_profiler_exits_normally_so_the_report_is_written(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom influence import cli\n"
+                      "def work():\n    return sum(range(10))\nwork()\ncli.exit_process(4)\n")
+    done = subprocess.run([sys.executable, "-m", "cProfile", str(script)], capture_output=True, text=True, timeout=60)
+    # (python -m cProfile itself ends with status 0 whatever the script's)
+    assert "function calls" in done.stdout and "(work)" in done.stdout  # cProfile's report, printed at exit
