@@ -1,5 +1,6 @@
 """How a script's process ends: cli.exit_process."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +9,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(*args, code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # buffered, as by default
+    return subprocess.run([sys.executable, *args, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_exit_process_flushes_piped_output_and_keeps_the_status():
-    # 200,000 characters into a pipe: most of them wait in stdout's buffer until it is flushed.
-    done = run_python(code="import sys\nfrom influence import cli\nsys.stdout.write('x' * 200_000)\n"
+    # Into a pipe, stdout is block-buffered: the short last write waits in its buffer until flushed.
+    done = run_python(code="import sys\nfrom influence import cli\nsys.stdout.write('x' * 200_000)\nsys.stdout.write('end')\n"
                            "print('to stderr', file=sys.stderr, end='')\ncli.exit_process(3)")
     assert done.returncode == 3
-    assert done.stdout == "x" * 200_000 and done.stderr == "to stderr"
+    assert done.stdout == "x" * 200_000 + "end" and done.stderr == "to stderr"
 
 
 def test_exit_process_under_a_profiler_exits_normally_so_the_report_is_written(tmp_path):
