@@ -22,9 +22,11 @@ Formats (from the path's suffix):
   pixelated when zoomed.
 
 Both drawings come from one :func:`_layout` (positions of tiles, frames and text lines), so
-they cannot disagree. The text is set in Pillow's built-in font (Aileron, FreeType): it covers
-ASCII and a few symbols, other characters show as a box in the raster formats (the SVG keeps
-them). Without FreeType, Pillow's small bitmap font is used instead.
+they cannot disagree. The text is set in DejaVu Sans where the system has it (``SYSTEM_FONT``,
+found by Pillow in the usual font folders; it covers accented Latin, Greek and Cyrillic), else in
+Pillow's built-in font (Aileron), which covers ASCII and a few symbols: other characters then
+show as a box in the raster formats (the SVG keeps them). Without FreeType, Pillow's small
+bitmap font is used instead.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ TEST_FRAME = ("#1f77b4", 4)  # (colour, width): matplotlib's tab:blue, 2 pt
 TRAIN_FRAME = ("#000000", 2)
 FRAME_ROOM = max(TEST_FRAME[1], TRAIN_FRAME[1])  # kept free around every image in its tile
 # Lines are fitted into 1/FONT_SPREAD of their room: an SVG viewer that ignores textLength sets
-# them in its own sans-serif, up to this much wider than Pillow's font (DejaVu Sans: 1.02-1.19x).
+# them in its own sans-serif, up to this much wider than the font they were measured in (DejaVu
+# Sans against Pillow's built-in font: 1.02-1.19x).
 FONT_SPREAD = 1.2
+SYSTEM_FONT = "DejaVuSans.ttf"  # preferred where installed (most Linux systems): wide character coverage
 
 # zlib level 1 instead of 6: the PNG written ~3x faster, ~2% larger (6 noise images, 1.1 MB)
 _RASTER_OPTIONS = {
@@ -93,7 +97,10 @@ class _Font:
 @functools.lru_cache(maxsize=None)
 def _font(size: int) -> _Font:
     if features.check("freetype2"):
-        font = ImageFont.load_default(size=size)
+        try:
+            font = ImageFont.truetype(SYSTEM_FONT, size)
+        except OSError:  # not installed: the built-in font, ASCII and a few symbols
+            font = ImageFont.load_default(size=size)
         ascent, descent = font.getmetrics()
         return _Font(font, size, ascent, ascent + descent, "\u2026", latin1_only=False)
     font = ImageFont.load_default()  # a fixed-size bitmap font: smaller than asked, but legible

@@ -132,6 +132,18 @@ def test_degenerate_figure_is_the_test_image_alone(tmp_path):
     assert np.all(np.abs(middle - COLOURS[0]) <= 8, axis=1).sum() > pixels.shape[0] / 3  # the test image
 
 
+def test_accented_titles_are_drawn_where_the_system_font_is_installed(tmp_path):
+    try:
+        ImageFont.truetype(figures.SYSTEM_FONT, 16)
+    except OSError:
+        pytest.skip(f"{figures.SYSTEM_FONT} is not installed")
+    # The same figure with an accented letter, then with a character no font has (drawn as a box):
+    # a font without the accented letter would draw both alike.
+    accented, missing = (pixels_of(figure_of(tmp_path / f"{name}.png", titles=[f"+1\n3/{char}.png"] * 5))
+                         for name, char in (("accented", "\u00e9"), ("missing", "\U0010ffff")))
+    assert accented.shape == missing.shape and np.any(accented != missing)
+
+
 @pytest.fixture
 def fresh_fonts():
     figures._font.cache_clear()
