@@ -8,15 +8,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_python(*args, code: str) -> subprocess.CompletedProcess:
+def run_python(code: str) -> subprocess.CompletedProcess:
     env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # buffered, as by default
-    return subprocess.run([sys.executable, *args, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
 
 
 def test_exit_process_flushes_piped_output_and_keeps_the_status():
     # Into a pipe, stdout is block-buffered: the short last write waits in its buffer until flushed.
-    done = run_python(code="import sys\nfrom influence import cli\nsys.stdout.write('x' * 200_000)\nsys.stdout.write('end')\n"
+    done = run_python("import sys\nfrom influence import cli\nsys.stdout.write('x' * 200_000)\nsys.stdout.write('end')\n"
                            "print('to stderr', file=sys.stderr, end='')\ncli.exit_process(3)")
     assert done.returncode == 3
     assert done.stdout == "x" * 200_000 + "end" and done.stderr == "to stderr"
